@@ -1,0 +1,595 @@
+"""Typed, validated configuration.
+
+The whole system is described by one tree of frozen dataclasses (:class:`Config`). Every option is
+declared with :func:`opt`, which records the default, a one-line description saying why that
+default, and the allowed values. :func:`load_config` reads YAML with ``yaml.safe_load``, applies
+dotted overrides (``"model.rpn.conv_channels=512"``) and validates; any unknown key, wrong type or
+out-of-range value raises :class:`ConfigError` naming the dotted key and what is allowed.
+
+Layers never see this tree: a factory reads it and passes plain keyword arguments
+(STYLE.md habit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the dotted key and the allowed values."""
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False):
+    """Declares one option: its default, why that default, and its allowed values.
+
+    ``min``/``max`` bound numbers (and every element of a tuple of numbers).
+    """
+    if isinstance(default, list):
+        default = tuple(default)
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    return field(default=default, metadata=meta)
+
+
+def section(cls):
+    """A nested section whose default is the section's own defaults."""
+    return field(default_factory=cls, metadata={"doc": cls.__doc__ or ""})
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """ResNet backbone producing C2..C5."""
+
+    name: str = opt("resnet50", "ResNet depth; resnet_small is a narrow 1-block-per-stage net"
+                    " for CPU tests and the shapes job",
+                    choices=("resnet50", "resnet101", "resnet_small"))
+    norm: str = opt("frozen_bn", "normalisation: frozen BN as every reference fine-tunes"
+                    " ImageNet weights with batch 2/GPU",
+                    choices=("frozen_bn", "bn", "sync_bn", "group_norm"))
+    stride_in_1x1: bool = opt(False, "stride on the first 1x1 conv (Keras Applications/MSRA)"
+                              " instead of the 3x3 (torchvision)")
+    freeze_at: int = opt(2, "stem + stages below this (2 = stem and res2) are not trained, as in"
+                         " detectron2 and torchvision (trainable_layers=3)", min=0, max=5)
+    input_channels: int = opt(3, "image channels: 1 grayscale, 3 RGB, 4 RGB-D, any multispectral",
+                              min=1)
+    group_norm_groups: int = opt(32, "groups when norm=group_norm (Wu & He, 2018)", min=1)
+    weights: str | None = opt(None, "optional Keras Applications ResNet-50 .h5 file to initialise"
+                              " from; nothing is downloaded")
+
+
+@dataclass(frozen=True)
+class FPNConfig:
+    """Feature pyramid P2..P6 (P6 = max-pool stride 2 of P5)."""
+
+    channels: int = opt(256, "FPN width; 256 in the paper and every reference", min=1)
+    min_level: int = opt(2, "finest level (P2, stride 4)", min=2, max=5)
+    max_level: int = opt(6, "coarsest level (P6 from max-pooling P5, used by the RPN only)",
+                         min=3, max=7)
+    norm: str = opt("none", "optional normalisation in lateral/output convs",
+                    choices=("none", "bn", "sync_bn", "group_norm"))
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Anchors: one size per level x aspect ratios x scales, ordered ratio-major per position."""
+
+    sizes: tuple[float, ...] = opt((32.0, 64.0, 128.0, 256.0, 512.0),
+                                   "anchor size per level P2..P6 (FPN paper, torchvision)", min=1)
+    aspect_ratios: tuple[float, ...] = opt((0.5, 1.0, 2.0), "height/width ratios (FPN paper)",
+                                           min=0.0, min_exclusive=True)
+    scales: tuple[float, ...] = opt((1.0,), "size multipliers per level (detectron2 style octave"
+                                    " scales); one scale as in the paper", min=0.0,
+                                    min_exclusive=True)
+    offset: float = opt(0.0, "anchor centre offset in strides: 0 = torchvision/detectron2, 0.5 ="
+                        " Model Garden", min=0.0, max=1.0)
+    round_to_int: bool = opt(True, "round base anchor corners to integers as torchvision does")
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """Region proposal network: head, targets, proposals and losses."""
+
+    conv_channels: int = opt(256, "3x3 conv width; references use 256, the user's notes 512",
+                             min=1)
+    share_heads: bool = opt(True, "one head shared by all levels, as every reference does")
+    dropout: float = opt(0.0, "dropout after the 3x3 conv (the user's notes); none in references",
+                         min=0.0, max=1.0)
+    objectness: str = opt("sigmoid", "k sigmoid logits (references) or 2k two-way softmax logits"
+                          " (the user's notes)", choices=("sigmoid", "softmax"))
+    box_coder_weights: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "(wy, wx, wh, ww) delta"
+                                               " weights; torchvision RPN uses 1s", min=0.0,
+                                               min_exclusive=True)
+    pre_nms_topk_train: int = opt(2000, "proposals kept per level before NMS in training"
+                                  " (torchvision)", min=1)
+    post_nms_topk_train: int = opt(1000, "proposals per image after NMS in training (detectron2;"
+                                   " torchvision uses 2000)", min=1)
+    pre_nms_topk_test: int = opt(1000, "proposals kept per level before NMS at test", min=1)
+    post_nms_topk_test: int = opt(1000, "proposals per image after NMS at test", min=1)
+    nms_threshold: float = opt(0.7, "proposal NMS IoU (all references)", min=0.0, max=1.0)
+    nms_per_level: bool = opt(True, "NMS within each level (torchvision/detectron2) or across all",)
+    min_box_size: float = opt(1e-3, "proposals smaller than this (pixels) are dropped"
+                              " (torchvision)", min=0.0)
+    score_threshold: float = opt(0.0, "proposals with objectness probability <= this are"
+                                 " dropped (torchvision)", min=0.0, max=1.0)
+    positive_iou: float = opt(0.7, "anchors with IoU >= this are positive (all references; the"
+                              " user's notes)", min=0.0, max=1.0)
+    negative_iou: float = opt(0.3, "anchors with IoU < this are negative", min=0.0, max=1.0)
+    allow_low_quality_matches: bool = opt(True, "the best anchor of each object is positive too,"
+                                          " so every instance gets one")
+    batch_size_per_image: int = opt(256, "anchors sampled per image for the loss", min=1)
+    positive_fraction: float = opt(0.5, "at most this fraction positive (1:1, the user's notes)",
+                                   min=0.0, max=1.0, min_exclusive=True)
+    objectness_loss: str = opt("bce", "log loss (references) or focal loss (the user's notes)",
+                               choices=("bce", "focal"))
+    focal_alpha: float = opt(0.25, "focal loss alpha (RetinaNet)", min=0.0, max=1.0)
+    focal_gamma: float = opt(2.0, "focal loss gamma (RetinaNet)", min=0.0)
+    box_loss: str = opt("smooth_l1", "smooth L1 (references); weighted smooth L1 or GIoU (the"
+                        " user's notes)", choices=("smooth_l1", "weighted_smooth_l1", "giou"))
+    box_loss_weights: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "per-coordinate weights of"
+                                              " weighted_smooth_l1 (dy, dx, dh, dw)", min=0.0)
+    smooth_l1_beta: float = opt(1.0 / 9.0, "smooth L1 transition (torchvision/detectron2 RPN)",
+                                min=0.0)
+    objectness_loss_weight: float = opt(1.0, "weight of loss_rpn_objectness", min=0.0)
+    box_loss_weight: float = opt(1.0, "weight of loss_rpn_box", min=0.0)
+
+
+@dataclass(frozen=True)
+class RoIAlignConfig:
+    """Multilevel RoIAlign on tf.image.crop_and_resize (same numbers as torchvision's roi_align)."""
+
+    box_output_size: int = opt(7, "box-head RoI size; references 7, the user's notes 14", min=1)
+    mask_output_size: int = opt(14, "mask-head RoI size (all references and the notes)", min=1)
+    sampling_ratio: int = opt(2, "bilinear samples per bin side (2 = the notes' 4 per bin)",
+                              min=1)
+    level_sampling_ratios: tuple[int, ...] | None = opt(None, "optional sampling ratio per level"
+                                                        " P2..P5, overriding sampling_ratio", min=1)
+    aligned: bool = opt(True, "half-pixel shift (detectron2 default); torchvision uses False")
+    canonical_size: float = opt(224.0, "level = floor(canonical_level + log2(sqrt(wh) /"
+                                " canonical_size)) (FPN paper eq. 1)", min=1.0)
+    canonical_level: int = opt(4, "level of a canonical-size RoI (FPN paper)", min=2, max=5)
+    min_level: int = opt(2, "finest level RoIs are pooled from", min=2, max=5)
+    max_level: int = opt(5, "coarsest level RoIs are pooled from (P6 is RPN-only)", min=2, max=6)
+
+
+@dataclass(frozen=True)
+class BoxHeadConfig:
+    """Box head (RCNN in the notes): features, targets and losses."""
+
+    type: str = opt("2fc", "two fc layers (paper, torchvision v1) or 4 conv + 1 fc with norm"
+                    " (torchvision v2)", choices=("2fc", "4conv1fc"))
+    fc_dim: int = opt(1024, "fc width (paper and the notes)", min=1)
+    conv_dim: int = opt(256, "conv width of the 4conv1fc head", min=1)
+    norm: str = opt("none", "normalisation in the 4conv1fc head (v2 uses group_norm/bn)",
+                    choices=("none", "bn", "sync_bn", "group_norm"))
+    dropout: float = opt(0.0, "dropout after each fc (the notes); none in references", min=0.0,
+                         max=1.0)
+    class_agnostic: bool = opt(False, "one set of deltas for all classes instead of one per class")
+    box_coder_weights: tuple[float, ...] = opt((10.0, 10.0, 5.0, 5.0), "(wy, wx, wh, ww);"
+                                               " every reference uses 10, 10, 5, 5", min=0.0,
+                                               min_exclusive=True)
+    foreground_iou: float = opt(0.5, "RoIs with IoU >= this are foreground (references; the"
+                                " notes use 0.7)", min=0.0, max=1.0)
+    background_iou: float = opt(0.5, "RoIs with IoU < this are background (references; the notes"
+                                " use 0.3)", min=0.0, max=1.0)
+    batch_size_per_image: int = opt(512, "RoIs sampled per image (references)", min=1)
+    positive_fraction: float = opt(0.25, "foreground fraction (references; the notes' 1:1 is 0.5)",
+                                   min=0.0, max=1.0, min_exclusive=True)
+    smooth_l1_beta: float = opt(1.0, "smooth L1 transition of loss_box_reg", min=0.0)
+    class_loss_weight: float = opt(1.0, "weight of loss_box_class", min=0.0)
+    box_loss_weight: float = opt(1.0, "weight of loss_box_reg", min=0.0)
+
+
+@dataclass(frozen=True)
+class MaskHeadConfig:
+    """Mask head: 4 x conv3x3, stride-2 deconv, 1x1 conv to 28x28 logits per class."""
+
+    num_convs: int = opt(4, "conv3x3 layers (paper)", min=0)
+    conv_dim: int = opt(256, "conv width (paper)", min=1)
+    norm: str = opt("none", "optional normalisation after each conv",
+                    choices=("none", "bn", "sync_bn", "group_norm"))
+    class_agnostic: bool = opt(False, "one mask for all classes (paper: nearly as good)")
+    loss: str = opt("bce", "per-pixel sigmoid BCE (paper) or dice (the notes)",
+                    choices=("bce", "dice"))
+    loss_weight: float = opt(1.0, "weight of loss_mask", min=0.0)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Inference post-processing."""
+
+    score_threshold: float = opt(0.05, "detections with score <= this are dropped (torchvision,"
+                                 " detectron2)", min=0.0, max=1.0)
+    nms_threshold: float = opt(0.5, "per-class NMS IoU (references)", min=0.0, max=1.0)
+    max_detections: int = opt(100, "detections per image (COCO protocol)", min=1)
+    min_box_size: float = opt(1e-2, "boxes smaller than this (pixels) are dropped (torchvision)",
+                              min=0.0)
+    mask_threshold: float = opt(0.5, "pasted mask probability threshold (references)", min=0.0,
+                                max=1.0)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Resize, normalise and pad inside the model so that serving takes raw images."""
+
+    resize: str = opt("short_long", "short side to short_size capped by long_size (references),"
+                      " or long side to square_size then pad square (Model Garden, the notes'"
+                      " 1024)", choices=("short_long", "square"))
+    short_size: int = opt(800, "target short side (references)", min=1)
+    long_size: int = opt(1333, "maximum long side (references)", min=1)
+    square_size: int = opt(1024, "square canvas side for resize=square", min=1)
+    size_divisibility: int = opt(32, "pad to a multiple of the coarsest backbone stride", min=1)
+    pixel_mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), "ImageNet mean on 0..1 RGB"
+                                        " (torchvision)")
+    pixel_std: tuple[float, ...] = opt((0.229, 0.224, 0.225), "ImageNet std on 0..1 RGB"
+                                       " (torchvision)", min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Mask R-CNN model."""
+
+    num_classes: int = opt(80, "foreground classes (COCO: 80); class 0 is background", min=1)
+    backbone: BackboneConfig = section(BackboneConfig)
+    fpn: FPNConfig = section(FPNConfig)
+    anchors: AnchorConfig = section(AnchorConfig)
+    rpn: RPNConfig = section(RPNConfig)
+    roi_align: RoIAlignConfig = section(RoIAlignConfig)
+    box_head: BoxHeadConfig = section(BoxHeadConfig)
+    mask_head: MaskHeadConfig = section(MaskHeadConfig)
+    detection: DetectionConfig = section(DetectionConfig)
+    preprocess: PreprocessConfig = section(PreprocessConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, training, evaluation, export
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One dataset source."""
+
+    source: str = opt("shapes", "where images come from", choices=("coco", "tfrecord", "shapes"))
+    annotation_file: str | None = opt(None, "COCO instances JSON (source=coco)")
+    image_dir: str | None = opt(None, "folder of the COCO images (source=coco)")
+    tfrecord_pattern: str | None = opt(None, "glob of TFRecord shards (source=tfrecord)")
+    num_images: int = opt(1000, "images in a synthetic shapes split", min=1)
+    seed: int = opt(0, "seed of a synthetic shapes split", min=0)
+
+
+def _eval_source() -> SourceConfig:
+    return SourceConfig(num_images=100, seed=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input pipelines (tf.data)."""
+
+    train: SourceConfig = section(SourceConfig)
+    eval: SourceConfig = field(default_factory=_eval_source, metadata={"doc": "evaluation split"})
+    image_size: int = opt(1024, "padded square side S of the pipeline's images [B, S, S, 3]",
+                          min=32)
+    max_instances: int = opt(100, "ground-truth rows per image M (padded with class -1)", min=1)
+    mask_mode: str = opt("full", "full-frame masks or box-cropped mini-masks (saves memory)",
+                         choices=("full", "mini"))
+    mini_mask_size: int = opt(56, "side of mini-masks", min=1)
+    hflip: bool = opt(True, "random horizontal flip in training (references)")
+    aug_scale_min: float = opt(1.0, "scale jitter lower bound (1.0 = off, the 1x recipe)",
+                               min=0.0, min_exclusive=True)
+    aug_scale_max: float = opt(1.0, "scale jitter upper bound", min=0.0, min_exclusive=True)
+    keep_empty_images: bool = opt(False, "keep training images without annotations (torchvision"
+                                  " drops them)")
+    shuffle_buffer: int = opt(1000, "shuffle buffer in images", min=1)
+    deterministic: bool = opt(False, "deterministic element order (slower)")
+    cache: bool = opt(False, "cache decoded images in memory (small sets only)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (the 1x recipe: 90k steps at batch 16, lr 0.02, x0.1 at 60k and 80k)."""
+
+    batch_size: int = opt(16, "global batch size (references)", min=1)
+    steps: int = opt(90000, "training steps (1x schedule)", min=1)
+    optimizer: str = opt("sgd", "SGD with momentum (references) or AdamW",
+                         choices=("sgd", "adamw"))
+    base_learning_rate: float = opt(0.02, "learning rate at reference_batch_size (references)",
+                                    min=0.0, min_exclusive=True)
+    reference_batch_size: int = opt(16, "lr is scaled by batch_size / this (linear scaling rule)",
+                                    min=1)
+    momentum: float = opt(0.9, "SGD momentum (references)", min=0.0, max=1.0)
+    weight_decay: float = opt(1e-4, "L2 weight decay, not on norm or bias (references)", min=0.0)
+    warmup_steps: int = opt(1000, "linear warmup steps (detectron2)", min=0)
+    warmup_factor: float = opt(0.001, "lr multiplier at step 0 of warmup (detectron2)", min=0.0,
+                               max=1.0)
+    decay_steps: tuple[int, ...] = opt((60000, 80000), "steps at which lr is multiplied by"
+                                       " decay_rate (1x; the notes: 120k)", min=1)
+    decay_rate: float = opt(0.1, "step decay factor (references)", min=0.0, max=1.0)
+    clip_norm: float | None = opt(None, "global gradient norm clip; none in references", min=0.0,
+                                  min_exclusive=True)
+    mixed_precision: str = opt("float32", "Keras dtype policy",
+                               choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    checkpoint_every: int = opt(1000, "steps between checkpoints", min=1)
+    log_every: int = opt(20, "steps between log lines", min=1)
+    seed: int = opt(42, "random seed", min=0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """COCO evaluation."""
+
+    batch_size: int = opt(8, "evaluation batch size", min=1)
+    every_n_steps: int = opt(5000, "evaluate during fit every this many steps", min=1)
+    num_images: int | None = opt(None, "evaluate at most this many images (None = all)", min=1)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """SavedModel export for TF Serving."""
+
+    input_types: tuple[str, ...] = opt(("image_tensor", "image_bytes", "tf_example"),
+                                       "serving signatures to write",
+                                       choices=("image_tensor", "image_bytes", "tf_example"))
+    max_detections: int = opt(100, "detections per image in the exported model", min=1)
+    mask_output: str = opt("full", "masks pasted at the original resolution or 28x28 per box",
+                           choices=("full", "box"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = section(TrainConfig)
+    eval: EvalConfig = section(EvalConfig)
+    export: ExportConfig = section(ExportConfig)
+
+    def __post_init__(self):
+        _check_consistency(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Rules that relate several options."""
+    m = cfg.model
+    n_levels = m.fpn.max_level - m.fpn.min_level + 1
+    if m.fpn.min_level >= m.fpn.max_level:
+        raise ConfigError(f"model.fpn.min_level ({m.fpn.min_level}) must be below"
+                          f" model.fpn.max_level ({m.fpn.max_level})")
+    if len(m.anchors.sizes) != n_levels:
+        raise ConfigError(f"model.anchors.sizes has {len(m.anchors.sizes)} entries; it needs one"
+                          f" per FPN level P{m.fpn.min_level}..P{m.fpn.max_level} ({n_levels})")
+    ra = m.roi_align
+    if not (m.fpn.min_level <= ra.min_level <= ra.max_level <= m.fpn.max_level):
+        raise ConfigError(f"model.roi_align levels P{ra.min_level}..P{ra.max_level} must lie"
+                          f" within the FPN levels P{m.fpn.min_level}..P{m.fpn.max_level}")
+    if not ra.min_level <= ra.canonical_level <= ra.max_level:
+        raise ConfigError(f"model.roi_align.canonical_level ({ra.canonical_level}) must lie in"
+                          f" [{ra.min_level}, {ra.max_level}]")
+    if ra.level_sampling_ratios is not None and (
+            len(ra.level_sampling_ratios) != ra.max_level - ra.min_level + 1):
+        raise ConfigError(f"model.roi_align.level_sampling_ratios needs one entry per level"
+                          f" P{ra.min_level}..P{ra.max_level}")
+    if m.rpn.negative_iou > m.rpn.positive_iou:
+        raise ConfigError("model.rpn.negative_iou must be <= model.rpn.positive_iou")
+    if m.box_head.background_iou > m.box_head.foreground_iou:
+        raise ConfigError("model.box_head.background_iou must be <= model.box_head.foreground_iou")
+    for name in ("box_coder_weights", "box_loss_weights"):
+        if len(getattr(m.rpn, name)) != 4:
+            raise ConfigError(f"model.rpn.{name} needs 4 values (y, x, h, w)")
+    if len(m.box_head.box_coder_weights) != 4:
+        raise ConfigError("model.box_head.box_coder_weights needs 4 values (y, x, h, w)")
+    pp = m.preprocess
+    if len(pp.pixel_mean) != len(pp.pixel_std):
+        raise ConfigError("model.preprocess.pixel_mean and pixel_std need the same length")
+    if len(pp.pixel_mean) not in (1, m.backbone.input_channels):
+        raise ConfigError(f"model.preprocess.pixel_mean needs 1 or"
+                          f" model.backbone.input_channels ({m.backbone.input_channels}) values")
+    if pp.short_size > pp.long_size:
+        raise ConfigError("model.preprocess.short_size must be <= model.preprocess.long_size")
+    if cfg.data.aug_scale_min > cfg.data.aug_scale_max:
+        raise ConfigError("data.aug_scale_min must be <= data.aug_scale_max")
+    if list(cfg.train.decay_steps) != sorted(cfg.train.decay_steps):
+        raise ConfigError("train.decay_steps must be increasing")
+    if m.rpn.objectness_loss == "focal" and m.rpn.objectness != "sigmoid":
+        raise ConfigError("model.rpn.objectness_loss=focal needs model.rpn.objectness=sigmoid")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, meta: dict) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and the option's bounds; returns it."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, meta)
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}")
+        return tuple(_convert(v, elem, f"{key}[{i}]", meta) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    else:  # pragma: no cover - the schema only uses the types above
+        raise TypeError(f"unsupported option type {tp} for {key}")
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        rel = ">" if meta.get("min_exclusive") else ">="
+        bound = f"{rel} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {bound}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: <= {hi}"
+                          + (f" and >= {lo}" if lo is not None else ""))
+    return value
+
+
+def _build(cls, data: Any, prefix: str):
+    """Builds dataclass ``cls`` from a mapping, validating every key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of options, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r} in {where}; allowed keys:"
+                          f" {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
+            sub = dataclasses.asdict(default)
+            _deep_update(sub, data.get(name) or {}, key)
+            kwargs[name] = _build(tp, sub, key)
+        elif name in data:
+            if isinstance(data[name], dict):
+                raise ConfigError(f"{key}: is an option, not a section (got {data[name]!r})")
+            kwargs[name] = _convert(data[name], tp, key, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict, new: Any, prefix: str) -> None:
+    if not isinstance(new, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of options, got {new!r}")
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v, _join(prefix, k))
+        else:
+            base[k] = v
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, _, raw = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p!r} is an option, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] | None = None
+                     ) -> Config:
+    """Builds and validates a :class:`Config` from a plain mapping plus dotted overrides."""
+    tree = _plain(data or {})
+    for o in overrides or ():
+        _apply_override(tree, o)
+    return _build(Config, tree, "")
+
+
+def _plain(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None
+                ) -> Config:
+    """Reads a YAML config (``yaml.safe_load``), applies dotted overrides and validates.
+
+    Args:
+      path: YAML file, or None for the built-in defaults (the COCO R50-FPN 1x recipe).
+      overrides: strings like ``"train.steps=100"``; values are parsed as YAML scalars/lists.
+
+    Raises:
+      ConfigError: unknown key, wrong type or out-of-range value, naming the dotted key.
+      FileNotFoundError: ``path`` does not exist.
+    """
+    data: Any = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def to_dict(cfg) -> dict:
+    """The configuration as plain Python data (tuples become lists), ready for YAML."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every option as (dotted key, default, doc): the schema as a table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key))
+        else:
+            rows.append((key, f.default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,85 @@
+"""Instance masks: ground-truth crops for the mask head, and pasting predicted masks into images."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mrcnn_tf.ops.roi_align import roi_align_flat
+
+
+def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, output_size: int = 28,
+               sampling_ratio: int = 2, aligned: bool = True) -> tf.Tensor:
+    """Crops each RoI's ground-truth mask and resizes it to ``output_size`` (mask targets).
+
+    Uses the same crop_and_resize-based RoIAlign as the features, so a target pixel is the average
+    coverage of its bin, exactly what RoIAlign of the mask would give (torchvision builds its
+    targets with roi_align as well).
+
+    Args:
+      masks: [B, M, H, W] full-frame masks (0/1, any numeric dtype).
+      boxes: [B, R, 4] (y1, x1, y2, x2) in the masks' pixel frame.
+      mask_indices: [B, R] int32, which of the M masks each RoI is cropped from.
+      output_size: side of the square target (28 in the paper).
+    Returns:
+      [B, R, output_size, output_size] float32 in [0, 1].
+    """
+    masks = tf.cast(masks, tf.float32)
+    shape = tf.shape(masks)
+    batch, num_masks = shape[0], shape[1]
+    images = tf.reshape(masks, tf.concat([[-1], shape[2:4], [1]], 0))  # [B*M, H, W, 1]
+    r = tf.shape(boxes)[1]
+    image_index = tf.range(batch)[:, None] * num_masks + tf.cast(mask_indices, tf.int32)
+    out = roi_align_flat(images, tf.reshape(tf.cast(boxes, tf.float32), [-1, 4]),
+                         tf.reshape(image_index, [-1]), output_size, sampling_ratio, aligned)
+    return tf.reshape(out, [batch, r, output_size, output_size])
+
+
+def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
+                threshold: float | None = 0.5) -> tf.Tensor:
+    """Pastes per-box mask probabilities into an image frame.
+
+    Each image pixel centre is mapped into its box's mask and bilinearly interpolated with zeros
+    outside the mask (detectron2's ``paste_masks_in_image``: grid_sample, align_corners=False),
+    then thresholded with ``>= threshold``. Implemented as one crop_and_resize per box over the
+    mask padded with a zero border.
+
+    Args:
+      masks: [B, D, m, m] probabilities (or [D, m, m]).
+      boxes: [B, D, 4] (y1, x1, y2, x2) in pixels of the target frame (or [D, 4]).
+      height, width: the target frame's size (ints or scalar tensors).
+      threshold: binarisation threshold, or None to return the interpolated probabilities.
+    Returns:
+      [B, D, height, width] uint8 0/1 (float32 probabilities if ``threshold`` is None).
+    """
+    masks = tf.convert_to_tensor(masks)
+    unbatched = masks.shape.rank == 3
+    if unbatched:
+        masks, boxes = masks[None], tf.convert_to_tensor(boxes)[None]
+    shape = tf.shape(masks)
+    batch, num, m_h, m_w = shape[0], shape[1], shape[2], shape[3]
+    flat = tf.reshape(tf.cast(masks, tf.float32), tf.stack([-1, m_h, m_w, 1]))
+    flat = tf.pad(flat, [[0, 0], [1, 1], [1, 1], [0, 0]])  # zeros outside, as grid_sample
+    y0, x0, y1, x1 = tf.unstack(tf.reshape(tf.cast(boxes, tf.float32), [-1, 4]), 4, axis=-1)
+    box_h = tf.maximum(y1 - y0, 1e-6)
+    box_w = tf.maximum(x1 - x0, 1e-6)
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    fm_h = tf.cast(m_h, tf.float32)
+    fm_w = tf.cast(m_w, tf.float32)
+
+    def to_mask(pixel, start, size, m):  # image pixel index -> padded-mask coordinate
+        return (pixel + 0.5 - start) * m / size - 0.5 + 1.0
+
+    last_y = tf.cast(height - 1, tf.float32)
+    last_x = tf.cast(width - 1, tf.float32)
+    crop = tf.stack([to_mask(0.0, y0, box_h, fm_h) / (fm_h + 1.0),
+                     to_mask(0.0, x0, box_w, fm_w) / (fm_w + 1.0),
+                     to_mask(last_y, y0, box_h, fm_h) / (fm_h + 1.0),
+                     to_mask(last_x, x0, box_w, fm_w) / (fm_w + 1.0)], axis=-1)
+    pasted = tf.image.crop_and_resize(flat, crop, tf.range(tf.shape(flat)[0]),
+                                      tf.stack([height, width]), method="bilinear",
+                                      extrapolation_value=0.0)[..., 0]
+    pasted = tf.reshape(pasted, tf.stack([batch, num, height, width]))
+    if threshold is not None:
+        pasted = tf.cast(pasted >= threshold, tf.uint8)
+    return pasted[0] if unbatched else pasted

@@ -1,0 +1,201 @@
+"""RoIAlign (He et al., 2017) on ``tf.image.crop_and_resize``, numerically equal to torchvision's
+``roi_align`` and detectron2's ``ROIAlign`` for a fixed ``sampling_ratio >= 1``.
+
+How the reference computes one output bin (torchvision's CPU kernel, in feature-map pixels whose
+centres sit at integer coordinates):
+
+* RoI start = box * spatial_scale - offset, with offset 0.5 if ``aligned`` else 0; when not
+  aligned the RoI is at least 1x1.
+* ``sampling_ratio`` x ``sampling_ratio`` points per bin, at (i + 0.5) / ratio of the bin; each is
+  bilinearly interpolated and the bin is their mean. Over one RoI side the points are therefore
+  ``n = out * ratio`` evenly spaced points from ``start + 0.5 * step`` to
+  ``start + (n - 0.5) * step`` with ``step = length / n``.
+* Border rule: a point in [-1, 0] or [size - 1, size] takes the edge value; a point farther out
+  than one pixel counts as zero.
+
+``crop_and_resize`` samples ``n`` corner-aligned points between the two normalised box edges and
+returns ``extrapolation_value`` outside [0, size - 1]. So we (1) pad the map by one pixel on each
+side with a copy of its edge (``SYMMETRIC``), which turns "within one pixel outside -> edge value"
+into ordinary bilinear interpolation and "farther out -> zero" into extrapolation, and (2) give
+crop_and_resize the first and last sample point as the box, normalised by the padded size minus 1.
+Then an average pool over each bin's ``ratio x ratio`` points gives the reference values.
+
+Adaptive sampling (``sampling_ratio=0``, a ratio per RoI) is not offered: it makes the number of
+sample points depend on the data, which a static graph cannot express.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def _as_pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _sample_span(start, length, bins: int, ratio: int):
+    """First and last of ``bins * ratio`` evenly spaced sample points over [start, start + len]."""
+    n = bins * ratio
+    step = length / float(n)
+    return start + 0.5 * step, start + (n - 0.5) * step
+
+
+def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,
+                   sampling_ratio: int = 2, aligned: bool = True) -> tf.Tensor:
+    """RoIAlign for a flat list of RoIs, in feature-map coordinates.
+
+    Args:
+      features: [N_img, H, W, C] any float dtype.
+      boxes: [R, 4] (y1, x1, y2, x2) in feature-map pixels (already multiplied by the scale).
+      box_indices: [R] int32 image of each RoI.
+      output_size: int or (out_h, out_w).
+      sampling_ratio: >= 1 sample points per bin side.
+      aligned: half-pixel shift (detectron2 default) or not (torchvision's MultiScaleRoIAlign).
+    Returns:
+      [R, out_h, out_w, C] in the features' dtype.
+    """
+    if int(sampling_ratio) < 1:
+        raise ValueError(f"roi_align: sampling_ratio must be >= 1 (got {sampling_ratio}); the "
+                         "adaptive ratio 0 has no static shape")
+    ratio = int(sampling_ratio)
+    out_h, out_w = _as_pair(output_size)
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    offset = 0.5 if aligned else 0.0
+    y1, x1, y2, x2 = tf.unstack(boxes - offset, 4, axis=-1)
+    roi_h = y2 - y1
+    roi_w = x2 - x1
+    if not aligned:
+        roi_h = tf.maximum(roi_h, 1.0)
+        roi_w = tf.maximum(roi_w, 1.0)
+    first_y, last_y = _sample_span(y1, roi_h, out_h, ratio)
+    first_x, last_x = _sample_span(x1, roi_w, out_w, ratio)
+
+    padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    shape = tf.shape(features)
+    # Padded map has size + 2 rows; crop_and_resize normalises by (padded size - 1) = size + 1.
+    norm_h = tf.cast(shape[1] + 1, tf.float32)
+    norm_w = tf.cast(shape[2] + 1, tf.float32)
+    crop_boxes = tf.stack([(first_y + 1.0) / norm_h, (first_x + 1.0) / norm_w,
+                           (last_y + 1.0) / norm_h, (last_x + 1.0) / norm_w], axis=-1)
+    crops = tf.image.crop_and_resize(padded, crop_boxes, tf.cast(box_indices, tf.int32),
+                                     [out_h * ratio, out_w * ratio], method="bilinear",
+                                     extrapolation_value=0.0)  # float32
+    if ratio > 1:
+        channels = crops.shape[-1] if crops.shape[-1] is not None else tf.shape(crops)[-1]
+        crops = tf.reshape(crops, [-1, out_h, ratio, out_w, ratio, channels])
+        crops = tf.reduce_mean(crops, axis=[2, 4])
+    return tf.cast(crops, features.dtype)
+
+
+def roi_align(features: tf.Tensor, boxes: tf.Tensor, output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = 2, aligned: bool = True) -> tf.Tensor:
+    """RoIAlign over a batch, boxes given per image.
+
+    Args:
+      features: [B, H, W, C].
+      boxes: [B, N, 4] (y1, x1, y2, x2) in image pixels; times ``spatial_scale`` gives
+        feature-map pixels.
+      output_size: int or (out_h, out_w).
+      spatial_scale: feature-map pixels per image pixel (1 / stride).
+      sampling_ratio: >= 1 sample points per bin side.
+      aligned: half-pixel shift (True, detectron2) or not (False, torchvision).
+    Returns:
+      [B, N, out_h, out_w, C]. Gradients flow to ``features`` only.
+
+    Example (detectron2's test): a 5x5 map of 0..24, box x1=y1=1, x2=y2=3, 4x4 output,
+    sampling_ratio 1, aligned=True -> first row [4.5, 5, 5.5, 6].
+    """
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    batch = tf.shape(boxes)[0]
+    n = tf.shape(boxes)[1]
+    flat = tf.reshape(boxes, [-1, 4]) * spatial_scale
+    indices = tf.repeat(tf.range(batch), n)
+    out = roi_align_flat(features, flat, indices, output_size, sampling_ratio, aligned)
+    out_h, out_w = _as_pair(output_size)
+    return tf.reshape(out, tf.concat([[batch, n, out_h, out_w], tf.shape(out)[-1:]], 0))
+
+
+def roi_levels(boxes: tf.Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
+               canonical_level: int = 4) -> tf.Tensor:
+    """FPN level of each RoI (FPN paper eq. 1, torchvision's LevelMapper).
+
+    level = floor(canonical_level + log2(sqrt(h * w) / canonical_size) + 1e-6), clamped to
+    [min_level, max_level]. Examples with the defaults: 111 px -> 2, 113 -> 3, 223 -> 3,
+    225 -> 4, 449 -> 5.
+
+    Args:
+      boxes: [..., 4] (y1, x1, y2, x2) image pixels.
+    Returns:
+      [...] int32 levels.
+    """
+    boxes = tf.cast(boxes, tf.float32)
+    h = boxes[..., 2] - boxes[..., 0]
+    w = boxes[..., 3] - boxes[..., 1]
+    size = tf.sqrt(tf.maximum(h * w, 0.0))
+    level = tf.floor(canonical_level + tf.math.log(size / canonical_size) / math.log(2.0) + 1e-6)
+    level = tf.clip_by_value(level, float(min_level), float(max_level))  # -inf (empty) -> min
+    return tf.cast(level, tf.int32)
+
+
+def _per_level(value, levels, name):
+    if isinstance(value, dict):
+        missing = [lv for lv in levels if lv not in value]
+        if missing:
+            raise ValueError(f"{name}: no entry for levels {missing}")
+        return [int(value[lv]) for lv in levels]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(levels):
+            raise ValueError(f"{name}: {len(value)} entries for {len(levels)} levels")
+        return [int(v) for v in value]
+    return [int(value)] * len(levels)
+
+
+def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampling_ratio=2,
+                         aligned: bool = True, min_level: int = 2, max_level: int = 5,
+                         canonical_size: float = 224.0, canonical_level: int = 4) -> tf.Tensor:
+    """Pools each RoI from the one FPN level its size selects.
+
+    Args:
+      features_by_level: {level: [B, H_l, W_l, C]} with stride 2**level; levels
+        ``min_level..max_level`` are used.
+      boxes: [B, N, 4] (y1, x1, y2, x2) in image pixels.
+      output_size: int or (out_h, out_w).
+      sampling_ratio: one int for all levels, or a sequence / {level: int} per level (the user's
+        notes ask whether a level-dependent number of samples helps).
+      aligned, canonical_size, canonical_level: see :func:`roi_align` and :func:`roi_levels`.
+    Returns:
+      [B, N, out_h, out_w, C]. RoIs are partitioned by level (``tf.dynamic_partition``), each part
+      is pooled from its level only, and the results are stitched back in order, so the cost is
+      that of pooling every RoI once.
+    """
+    levels = list(range(min_level, max_level + 1))
+    missing = [lv for lv in levels if lv not in features_by_level]
+    if missing:
+        raise ValueError(f"multilevel_roi_align: no features for levels {missing}")
+    ratios = _per_level(sampling_ratio, levels, "sampling_ratio")
+    boxes = tf.stop_gradient(tf.convert_to_tensor(boxes, tf.float32))
+    batch = tf.shape(boxes)[0]
+    n = tf.shape(boxes)[1]
+    flat = tf.reshape(boxes, [-1, 4])
+    image_index = tf.repeat(tf.range(batch), n)
+    level = roi_levels(flat, min_level, max_level, canonical_size, canonical_level)
+    level_index = level - min_level
+    positions = tf.range(tf.shape(flat)[0])
+
+    part_boxes = tf.dynamic_partition(flat, level_index, len(levels))
+    part_images = tf.dynamic_partition(image_index, level_index, len(levels))
+    part_positions = tf.dynamic_partition(positions, level_index, len(levels))
+    pooled = []
+    for i, level in enumerate(levels):
+        scale = 1.0 / (2.0 ** level)
+        pooled.append(roi_align_flat(features_by_level[level], part_boxes[i] * scale,
+                                     part_images[i], output_size, ratios[i], aligned))
+    out = tf.dynamic_stitch(part_positions, pooled)
+    out_h, out_w = _as_pair(output_size)
+    channels = features_by_level[levels[0]].shape[-1]
+    return tf.reshape(out, [batch, n, out_h, out_w, channels])

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align, roi_levels
+from tests.ops import reference
+
+# detectron2's test: 5x5 map of 0..24, box x1=y1=1, x2=y2=3, 4x4 output (DESIGN.md section 3).
+KNOWN = {
+    False: [[7.5, 8, 8.5, 9], [10, 10.5, 11, 11.5], [12.5, 13, 13.5, 14], [15, 15.5, 16, 16.5]],
+    True: [[4.5, 5, 5.5, 6], [7, 7.5, 8, 8.5], [9.5, 10, 10.5, 11], [12, 12.5, 13, 13.5]],
+}
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_known_values(aligned):
+    feat = tf.reshape(tf.range(25, dtype=tf.float32), [1, 5, 5, 1])
+    out = roi_align(feat, [[[1.0, 1.0, 3.0, 3.0]]], 4, sampling_ratio=1, aligned=aligned)
+    np.testing.assert_allclose(out[0, 0, :, :, 0], KNOWN[aligned], atol=1e-5)
+
+
+def _random_case(rng, n=40, h=19, w=23, c=3):
+    feat = rng.standard_normal((2, h, w, c)).astype(np.float32)
+    # Boxes of every kind: inside, straddling a border, wholly outside, tiny, thin.
+    y1 = rng.uniform(-8, h + 4, (2, n))
+    x1 = rng.uniform(-8, w + 4, (2, n))
+    hh = rng.choice([0.3, 1.0, 4.0, 12.0], (2, n)) * rng.uniform(0.2, 1.5, (2, n))
+    ww = rng.choice([0.3, 1.0, 4.0, 12.0], (2, n)) * rng.uniform(0.2, 1.5, (2, n))
+    boxes = np.stack([y1, x1, y1 + hh, x1 + ww], -1).astype(np.float32)
+    return feat, boxes
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_matches_numpy_reference(aligned, ratio):
+    rng = np.random.default_rng(ratio + 10 * aligned)
+    feat, boxes = _random_case(rng)
+    scale = 0.5
+    out = roi_align(feat, boxes / scale, (3, 4), spatial_scale=scale, sampling_ratio=ratio,
+                    aligned=aligned).numpy()
+    ref = np.stack([np.stack([reference.roi_align(feat[b], boxes[b, i] / scale, 3, 4, scale,
+                                                  ratio, aligned)
+                              for i in range(boxes.shape[1])]) for b in range(2)])
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5, diff
+    # The case must exercise the border rule: some outputs are exactly zero (wholly outside).
+    assert np.any(np.all(ref == 0, axis=(2, 3, 4)))
+
+
+def test_gradients_reach_features():
+    feat = tf.Variable(tf.random.normal([1, 8, 8, 2]))
+    with tf.GradientTape() as tape:
+        out = roi_align(feat, [[[2.0, 2.0, 10.0, 12.0]]], 2, spatial_scale=0.5)
+        loss = tf.reduce_sum(out)
+    grad = tape.gradient(loss, feat)
+    assert grad is not None
+    # Each output is a mean of bilinear samples whose weights sum to 1: the gradient sums to the
+    # number of outputs (2 x 2 bins x 2 channels) when every sample lies inside the map.
+    np.testing.assert_allclose(tf.reduce_sum(grad).numpy(), 2 * 2 * 2, rtol=1e-5)
+
+
+def test_empty_and_degenerate_boxes():
+    feat = tf.random.normal([2, 6, 6, 4])
+    empty = roi_align(feat, tf.zeros([2, 0, 4]), 7)
+    assert empty.shape == (2, 0, 7, 7, 4)
+    padded = roi_align(feat, tf.zeros([2, 3, 4]), 7, aligned=False)
+    assert padded.shape == (2, 3, 7, 7, 4) and np.isfinite(padded.numpy()).all()
+
+
+def test_one_pixel_map():
+    feat = tf.constant([[[[3.0]]]])
+    out = roi_align(feat, [[[-0.5, -0.5, 0.5, 0.5]]], 2, sampling_ratio=2, aligned=False)
+    ref = reference.roi_align(feat.numpy()[0], [-0.5, -0.5, 0.5, 0.5], 2, 2, 1.0, 2, False)
+    np.testing.assert_allclose(out[0, 0].numpy(), ref, atol=1e-6)
+
+
+def test_rejects_adaptive_sampling():
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align(tf.zeros([1, 4, 4, 1]), tf.zeros([1, 1, 4]), 2, sampling_ratio=0)
+
+
+@pytest.mark.parametrize("side,level", [(111, 2), (113, 3), (223, 3), (225, 4), (449, 5),
+                                        (0, 2), (5000, 5)])
+def test_level_rule(side, level):
+    boxes = tf.constant([[10.0, 20.0, 10.0 + side, 20.0 + side]])
+    assert int(roi_levels(boxes, 2, 5)[0]) == level
+
+
+def _pyramid(rng, size=64, c=2):
+    return {lv: tf.constant(rng.standard_normal((2, size >> lv, size >> lv, c)), tf.float32)
+            for lv in range(2, 6)}
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_multilevel_pools_each_roi_from_its_level(aligned):
+    rng = np.random.default_rng(0)
+    feats = _pyramid(rng)
+    sides = np.array([[8, 40, 300, 250, 60], [700, 16, 100, 230, 3]], np.float32)
+    y1 = rng.uniform(0, 30, sides.shape).astype(np.float32)
+    boxes = np.stack([y1, y1 + 1, y1 + sides, y1 + 1 + sides * 0.8], -1)
+    out = multilevel_roi_align(feats, boxes, 7, sampling_ratio=2, aligned=aligned).numpy()
+    levels = roi_levels(boxes, 2, 5).numpy()
+    assert set(levels.ravel()) == {2, 3, 4, 5}
+    for b in range(2):
+        for i in range(sides.shape[1]):
+            lv = levels[b, i]
+            ref = reference.roi_align(feats[lv].numpy()[b], boxes[b, i], 7, 7, 2.0 ** -lv, 2,
+                                      aligned)
+            np.testing.assert_allclose(out[b, i], ref, atol=1e-5)
+
+
+def test_multilevel_per_level_sampling_ratio_and_gradient():
+    rng = np.random.default_rng(1)
+    feats = {lv: tf.Variable(f) for lv, f in _pyramid(rng).items()}
+    boxes = tf.constant([[[0.0, 0.0, 50.0, 50.0], [0.0, 0.0, 250.0, 250.0]]])
+    with tf.GradientTape() as tape:
+        out = multilevel_roi_align(feats, boxes, 2, sampling_ratio={2: 1, 3: 3, 4: 2, 5: 4})
+        loss = tf.reduce_sum(out)
+    ref0 = reference.roi_align(feats[2].numpy()[0], boxes[0, 0], 2, 2, 0.25, 1, True)
+    ref1 = reference.roi_align(feats[4].numpy()[0], boxes[0, 1], 2, 2, 1 / 16, 2, True)
+    np.testing.assert_allclose(out[0, 0], ref0, atol=1e-5)
+    np.testing.assert_allclose(out[0, 1], ref1, atol=1e-5)
+    grads = tape.gradient(loss, [feats[2], feats[3], feats[4]])
+    assert float(tf.reduce_sum(tf.abs(grads[0]))) > 0
+    assert grads[1] is None or float(tf.reduce_sum(tf.abs(grads[1]))) == 0  # no RoI on P3
+    assert float(tf.reduce_sum(tf.abs(grads[2]))) > 0
+
+
+def test_multilevel_in_tf_function_and_padding():
+    rng = np.random.default_rng(2)
+    feats = _pyramid(rng)
+    fn = tf.function(lambda b: multilevel_roi_align(feats, b, 7))
+    out = fn(tf.zeros([2, 5, 4]))
+    assert out.shape == (2, 5, 7, 7, 2) and np.isfinite(out.numpy()).all()

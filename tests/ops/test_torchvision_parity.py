@@ -1,0 +1,67 @@
+"""Our ops against torchvision's own outputs, stored by tests/fixtures/make_torchvision_ops_fixture.py
+(torch is not needed to run these tests)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mrcnn_tf.ops.anchors import multilevel_anchors
+from mrcnn_tf.ops.box_coder import BoxCoder
+from mrcnn_tf.ops.nms import non_max_suppression
+from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align_flat
+from tests.conftest import REPO
+
+FIXTURE = REPO / "tests" / "fixtures" / "torchvision_ops.npz"
+
+
+@pytest.fixture(scope="module")
+def tv():
+    return dict(np.load(FIXTURE))
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_roi_align_equals_torchvision(tv, aligned, ratio):
+    out = roi_align_flat(tv["roi_features"], tv["roi_boxes"] * 0.5, tv["roi_batch"], (5, 4),
+                         ratio, aligned).numpy()
+    ref = tv[f"roi_out_{int(aligned)}_{ratio}"]
+    assert np.abs(ref).max() > 0.5 and (np.abs(ref).max(axis=(1, 2, 3)) == 0).any()
+    diff = np.abs(out - ref).max()
+    print(f"roi_align aligned={aligned} ratio={ratio}: max |ours - torchvision| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_multiscale_roi_align_equals_torchvision(tv):
+    feats = {lv: tv[f"ms_p{lv}"] for lv in range(2, 6)}
+    out = multilevel_roi_align(feats, tv["ms_boxes"][None], 7, sampling_ratio=2, aligned=False)
+    diff = np.abs(out.numpy()[0] - tv["ms_out"]).max()
+    print(f"MultiScaleRoIAlign: max |ours - torchvision| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_anchors_equal_torchvision(tv):
+    grids = {lv: tuple(int(v) for v in g) for lv, g in zip(range(2, 7), tv["anchor_grids"])}
+    ours = multilevel_anchors((160, 224), grids, (32, 64, 128, 256, 512), (0.5, 1.0, 2.0))
+    np.testing.assert_array_equal(np.concatenate([ours[lv].numpy() for lv in grids]),
+                                  tv["anchors"])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_nms_equals_torchvision(tv, threshold):
+    keep = tv[f"nms_keep_{threshold}"]
+    out = non_max_suppression(tv["nms_boxes"][None], tv["nms_scores"][None], 300, threshold)
+    n = int(out["num_valid"][0])
+    np.testing.assert_array_equal(out["indices"].numpy()[0, :n], keep)
+
+
+def test_box_coder_equals_torchvision(tv):
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    np.testing.assert_allclose(coder.encode(tv["coder_gt"], tv["coder_ref"]).numpy(),
+                               tv["coder_deltas"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(coder.decode(tv["coder_wild_deltas"], tv["coder_ref"]).numpy(),
+                               tv["coder_decoded"], rtol=1e-5, atol=1e-3)
+
+
+def test_fixture_is_torchvision_output(tv):
+    assert str(tv["torchvision_version"]).startswith("0.")
+    assert tf.constant(tv["anchors"]).shape[-1] == 4

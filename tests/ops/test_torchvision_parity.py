@@ -1,5 +1,8 @@
-"""Our ops against torchvision's own outputs, stored by tests/fixtures/make_torchvision_ops_fixture.py
-(torch is not needed to run these tests)."""
+"""Our ops against torchvision's own outputs.
+
+The outputs were stored by tests/fixtures/make_torchvision_ops_fixture.py; torch is not needed to
+run these tests.
+"""
 
 import numpy as np
 import pytest

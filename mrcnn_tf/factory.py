@@ -1,0 +1,61 @@
+"""The one place that reads the model config and turns it into layers with plain kwargs."""
+
+from __future__ import annotations
+
+from mrcnn_tf.config import ModelConfig
+from mrcnn_tf.layers.backbone import ResNet
+from mrcnn_tf.layers.detection import DetectionGenerator
+from mrcnn_tf.layers.fpn import FPN
+from mrcnn_tf.layers.heads import BoxHead, MaskHead
+from mrcnn_tf.layers.preprocess import Preprocessor
+from mrcnn_tf.layers.proposals import ProposalGenerator
+from mrcnn_tf.layers.roi_align import MultilevelRoIAlign
+from mrcnn_tf.layers.rpn_head import RPNHead
+from mrcnn_tf.ops.anchors import num_anchors_per_location
+
+
+def build_layers(m: ModelConfig) -> dict:
+    """All layers of a Mask R-CNN, keyed by the model attribute that holds them."""
+    bb, fpn, rpn, ra = m.backbone, m.fpn, m.rpn, m.roi_align
+    bh, mh, det, pp = m.box_head, m.mask_head, m.detection, m.preprocess
+    fpn_levels = tuple(range(fpn.min_level, fpn.max_level + 1))
+    sampling = list(ra.level_sampling_ratios) if ra.level_sampling_ratios else ra.sampling_ratio
+    roi_kwargs = dict(sampling_ratio=sampling, aligned=ra.aligned, min_level=ra.min_level,
+                      max_level=ra.max_level, canonical_size=ra.canonical_size,
+                      canonical_level=ra.canonical_level)
+    return {
+        "preprocessor": Preprocessor(
+            resize=pp.resize, short_size=pp.short_size, long_size=pp.long_size,
+            square_size=pp.square_size, size_divisibility=pp.size_divisibility,
+            pixel_mean=pp.pixel_mean, pixel_std=pp.pixel_std, name="preprocessor"),
+        "backbone": ResNet(bb.name, norm=bb.norm, stride_in_1x1=bb.stride_in_1x1,
+                           freeze_at=bb.freeze_at, input_channels=bb.input_channels,
+                           group_norm_groups=bb.group_norm_groups, name="backbone"),
+        "fpn": FPN(fpn.channels, fpn.min_level, fpn.max_level, fpn.norm,
+                   group_norm_groups=bb.group_norm_groups, name="fpn"),
+        "rpn_head": RPNHead(
+            num_anchors=num_anchors_per_location(m.anchors.aspect_ratios, m.anchors.scales),
+            conv_channels=rpn.conv_channels, share_heads=rpn.share_heads, dropout=rpn.dropout,
+            objectness=rpn.objectness, levels=fpn_levels, name="rpn_head"),
+        "proposal_generator": ProposalGenerator(
+            pre_nms_topk_train=rpn.pre_nms_topk_train, post_nms_topk_train=rpn.post_nms_topk_train,
+            pre_nms_topk_test=rpn.pre_nms_topk_test, post_nms_topk_test=rpn.post_nms_topk_test,
+            nms_threshold=rpn.nms_threshold, nms_per_level=rpn.nms_per_level,
+            min_box_size=rpn.min_box_size, score_threshold=rpn.score_threshold,
+            box_coder_weights=rpn.box_coder_weights, name="proposal_generator"),
+        "box_roi_align": MultilevelRoIAlign(ra.box_output_size, name="box_roi_align",
+                                            **roi_kwargs),
+        "box_head": BoxHead(m.num_classes, head_type=bh.type, fc_dim=bh.fc_dim,
+                            conv_dim=bh.conv_dim, norm=bh.norm, dropout=bh.dropout,
+                            class_agnostic=bh.class_agnostic,
+                            group_norm_groups=bb.group_norm_groups, name="box_head"),
+        "mask_roi_align": MultilevelRoIAlign(ra.mask_output_size, name="mask_roi_align",
+                                             **roi_kwargs),
+        "mask_head": MaskHead(m.num_classes, num_convs=mh.num_convs, conv_dim=mh.conv_dim,
+                              norm=mh.norm, class_agnostic=mh.class_agnostic,
+                              group_norm_groups=bb.group_norm_groups, name="mask_head"),
+        "detection_generator": DetectionGenerator(
+            score_threshold=det.score_threshold, nms_threshold=det.nms_threshold,
+            max_detections=det.max_detections, min_box_size=det.min_box_size,
+            box_coder_weights=bh.box_coder_weights, name="detection_generator"),
+    }

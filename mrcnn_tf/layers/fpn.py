@@ -1,0 +1,81 @@
+"""Feature Pyramid Network (Lin et al., 2017): P2..P5 top-down, P6 = max-pool of P5."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mrcnn_tf.layers.norm import make_norm
+
+
+def _upsample2x_to(x, like):
+    """Nearest-neighbour 2x upsampling cropped to ``like``'s size (torch's "nearest" for 2x)."""
+    up = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+    shape = tf.shape(like)
+    return up[:, : shape[1], : shape[2], :]
+
+
+@keras.saving.register_keras_serializable(package="mrcnn_tf")
+class FPN(keras.layers.Layer):
+    """Lateral 1x1 convs, top-down nearest 2x upsampling and sums, 3x3 output convs.
+
+    Input: {"c2": [B, H/4, W/4, C2], ..., "c5": [B, H/32, W/32, C5]} (levels min..5).
+    Output: {"p2": [B, H/4, W/4, channels], ..., "p5": ..., "p6": [B, H/64, W/64, channels]}.
+    P6 (``max_level`` 6) is P5 max-pooled with kernel 1 and stride 2 (torchvision's
+    LastLevelMaxPool), used by the RPN only. Convs have biases unless a norm follows them.
+    """
+
+    def __init__(self, channels: int = 256, min_level: int = 2, max_level: int = 6,
+                 norm: str = "none", group_norm_groups: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        if max_level not in (5, 6):
+            raise ValueError(f"FPN: max_level must be 5 or 6 (P6 by max-pool), got {max_level}")
+        self.channels, self.min_level, self.max_level = int(channels), min_level, max_level
+        self.norm, self.group_norm_groups = norm, int(group_norm_groups)
+        use_bias = norm == "none"
+        # Kaiming uniform with a=1 (torchvision's FPN init) and zero bias.
+        init = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
+        self.lateral, self.output_convs, self.lateral_norms, self.output_norms = [], [], [], []
+        for lv in range(min_level, 6):
+            self.lateral.append(keras.layers.Conv2D(channels, 1, use_bias=use_bias,
+                                                    kernel_initializer=init, name=f"lateral{lv}"))
+            self.output_convs.append(keras.layers.Conv2D(channels, 3, padding="same",
+                                                         use_bias=use_bias, kernel_initializer=init,
+                                                         name=f"output{lv}"))
+            self.lateral_norms.append(make_norm(norm, f"lateral_norm{lv}", group_norm_groups))
+            self.output_norms.append(make_norm(norm, f"output_norm{lv}", group_norm_groups))
+
+    @staticmethod
+    def _norm(layer, x, training):
+        return x if layer is None else layer(x, training=training)
+
+    def call(self, features, training=None):
+        levels = list(range(self.min_level, 6))
+        laterals = [self._norm(n, conv(features[f"c{lv}"]), training)
+                    for lv, conv, n in zip(levels, self.lateral, self.lateral_norms)]
+        out = {}
+        top = laterals[-1]
+        for i in range(len(levels) - 1, -1, -1):
+            if i < len(levels) - 1:
+                top = laterals[i] + _upsample2x_to(top, laterals[i])
+            out[f"p{levels[i]}"] = self._norm(self.output_norms[i], self.output_convs[i](top),
+                                              training)
+        if self.max_level == 6:
+            out["p6"] = out["p5"][:, ::2, ::2, :]  # max-pool, kernel 1, stride 2
+        return {f"p{lv}": out[f"p{lv}"] for lv in range(self.min_level, self.max_level + 1)}
+
+    def compute_output_shape(self, input_shape):
+        out = {}
+        for lv in range(self.min_level, self.max_level + 1):
+            src = input_shape[f"c{min(lv, 5)}"]
+            h, w = src[1], src[2]
+            if lv == 6:
+                h = None if h is None else -(-h // 2)
+                w = None if w is None else -(-w // 2)
+            out[f"p{lv}"] = (src[0], h, w, self.channels)
+        return out
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "min_level": self.min_level,
+                "max_level": self.max_level, "norm": self.norm,
+                "group_norm_groups": self.group_norm_groups}

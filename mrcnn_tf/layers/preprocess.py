@@ -1,0 +1,98 @@
+"""Resize keeping the aspect ratio, normalise and pad, inside the model (serving takes raw
+images)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def resized_sizes(sizes: tf.Tensor, resize: str, short_size: int, long_size: int,
+                  square_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Output size and scale of each image.
+
+    ``short_long`` (torchvision): scale = min(short / min(h, w), long / max(h, w)) and
+    size = floor(dim * scale), in float64 exactly as torchvision's GeneralizedRCNNTransform
+    computes them (480x640 -> 800x1066; 500x2000 -> 333x1333).
+    ``square`` (Model Garden): scale = square / max(h, w), size = round(dim * scale).
+
+    Args:
+      sizes: [B, 2] int32 (height, width).
+    Returns:
+      (new_sizes [B, 2] int32, scales [B] float32).
+    """
+    f = tf.cast(sizes, tf.float64)
+    if resize == "short_long":
+        scale = tf.minimum(short_size / tf.reduce_min(f, axis=1),
+                           long_size / tf.reduce_max(f, axis=1))
+        new = tf.floor(f * scale[:, None])
+    elif resize == "square":
+        scale = square_size / tf.reduce_max(f, axis=1)
+        new = tf.round(f * scale[:, None])
+    else:
+        raise ValueError(f"resize must be 'short_long' or 'square', got {resize!r}")
+    scale = tf.cast(scale, tf.float32)
+    return tf.maximum(tf.cast(new, tf.int32), 1), scale
+
+
+@keras.saving.register_keras_serializable(package="mrcnn_tf")
+class Preprocessor(keras.layers.Layer):
+    """Raw images -> normalised, resized, padded model input.
+
+    Inputs (call): images [B, H, W, C] uint8 or float in 0..255; image_sizes optional [B, 2]
+    int32 (height, width) of each image's content at the top-left of a zero-padded batch
+    (None: every image fills the tensor).
+    Output: {"images": [B, Hp, Wp, C] float32, "image_sizes": [B, 2] int32 content size after
+    resizing, "scales": [B, 2] float32 original / resized size per axis (torchvision's ratio to map
+    boxes back)}. Hp and Wp are multiples of ``size_divisibility`` (``square``: exactly
+    ``square_size`` rounded up to it).
+    """
+
+    def __init__(self, resize="short_long", short_size=800, long_size=1333, square_size=1024,
+                 size_divisibility=32, pixel_mean=(0.485, 0.456, 0.406),
+                 pixel_std=(0.229, 0.224, 0.225), **kwargs):
+        super().__init__(**kwargs)
+        self.resize, self.short_size, self.long_size = resize, int(short_size), int(long_size)
+        self.square_size, self.size_divisibility = int(square_size), int(size_divisibility)
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
+        if resize not in ("short_long", "square"):
+            raise ValueError(f"Preprocessor: resize must be 'short_long' or 'square', got "
+                             f"{resize!r}")
+
+    def call(self, images, image_sizes=None):
+        shape = tf.shape(images)
+        if image_sizes is None:
+            image_sizes = tf.tile(shape[None, 1:3], [shape[0], 1])
+        image_sizes = tf.cast(image_sizes, tf.int32)
+        new_sizes, _ = resized_sizes(image_sizes, self.resize, self.short_size, self.long_size,
+                                     self.square_size)
+        d = self.size_divisibility
+        if self.resize == "square":
+            canvas = tf.constant([-(-self.square_size // d) * d] * 2)
+        else:
+            canvas = (tf.reduce_max(new_sizes, axis=0) + d - 1) // d * d
+        mean = tf.constant(self.pixel_mean, tf.float32) * 255.0
+        std = tf.constant(self.pixel_std, tf.float32) * 255.0
+
+        def one(args):
+            image, size, new = args
+            image = tf.cast(image[: size[0], : size[1]], tf.float32)
+            image = (image - mean) / std
+            image = tf.image.resize(image, new, method="bilinear")
+            return tf.pad(image, [[0, canvas[0] - new[0]], [0, canvas[1] - new[1]], [0, 0]])
+
+        channels = images.shape[-1]
+        out = tf.map_fn(one, (images, image_sizes, new_sizes),
+                        fn_output_signature=tf.TensorSpec([None, None, channels], tf.float32))
+        if self.resize == "square":
+            side = -(-self.square_size // d) * d
+            out = tf.ensure_shape(out, [None, side, side, channels])
+        scales = tf.cast(image_sizes, tf.float32) / tf.cast(new_sizes, tf.float32)
+        return {"images": out, "image_sizes": new_sizes, "scales": scales}
+
+    def get_config(self):
+        return {**super().get_config(), "resize": self.resize, "short_size": self.short_size,
+                "long_size": self.long_size, "square_size": self.square_size,
+                "size_divisibility": self.size_divisibility, "pixel_mean": list(self.pixel_mean),
+                "pixel_std": list(self.pixel_std)}

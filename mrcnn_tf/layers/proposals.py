@@ -1,0 +1,78 @@
+"""Proposal generation from RPN outputs: decode, clip, filter, NMS, top-k. No weights."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mrcnn_tf.ops.box_coder import BoxCoder
+from mrcnn_tf.ops.boxes import box_sizes, clip_boxes
+from mrcnn_tf.ops.nms import proposal_nms
+
+
+def objectness_scores(logits: tf.Tensor) -> tf.Tensor:
+    """Foreground probability from [B, N] sigmoid logits or [B, N, 2] softmax logits -> [B, N]."""
+    if logits.shape.rank == 3:
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
+    return tf.sigmoid(tf.cast(logits, tf.float32))
+
+
+@keras.saving.register_keras_serializable(package="mrcnn_tf")
+class ProposalGenerator(keras.layers.Layer):
+    """Turns RPN outputs into a fixed number of proposals per image (torchvision's order).
+
+    Per level: top ``pre_nms_topk`` anchors by objectness, decode their deltas, clip to the image,
+    drop boxes smaller than ``min_box_size`` and probabilities below ``score_threshold``; then NMS
+    per level (or across levels) and the top ``post_nms_topk`` by probability.
+
+    Inputs (call): objectness: list of [B, N_l] or [B, N_l, 2]; deltas: list of [B, N_l, 4];
+    anchors: list of [N_l, 4]; image_sizes: [B, 2] (height, width) of each image's content in the
+    padded frame.
+    Output: {"boxes": [B, P, 4], "scores": [B, P] probabilities, "valid": [B, P] bool}, P the
+    training or test ``post_nms_topk``. Invalid rows are zero boxes. No gradient flows through.
+    """
+
+    def __init__(self, pre_nms_topk_train=2000, post_nms_topk_train=1000, pre_nms_topk_test=1000,
+                 post_nms_topk_test=1000, nms_threshold=0.7, nms_per_level=True,
+                 min_box_size=1e-3, score_threshold=0.0, box_coder_weights=(1.0, 1.0, 1.0, 1.0),
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.pre_nms_topk_train, self.post_nms_topk_train = pre_nms_topk_train, post_nms_topk_train
+        self.pre_nms_topk_test, self.post_nms_topk_test = pre_nms_topk_test, post_nms_topk_test
+        self.nms_threshold, self.nms_per_level = float(nms_threshold), bool(nms_per_level)
+        self.min_box_size, self.score_threshold = float(min_box_size), float(score_threshold)
+        self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
+        self.coder = BoxCoder(self.box_coder_weights)
+
+    def call(self, objectness, deltas, anchors, image_sizes, training=None):
+        pre = self.pre_nms_topk_train if training else self.pre_nms_topk_test
+        post = self.post_nms_topk_train if training else self.post_nms_topk_test
+        image_sizes = tf.cast(image_sizes, tf.float32)
+        boxes_l, scores_l, valid_l = [], [], []
+        for logits, dl, anc in zip(objectness, deltas, anchors):
+            scores = tf.stop_gradient(objectness_scores(logits))
+            k = tf.minimum(pre, tf.shape(scores)[1])
+            top = tf.math.top_k(scores, k=k, sorted=True)
+            d = tf.gather(tf.stop_gradient(tf.cast(dl, tf.float32)), top.indices, batch_dims=1)
+            a = tf.gather(tf.cast(anc, tf.float32), top.indices)
+            boxes = clip_boxes(self.coder.decode(d, a), image_sizes[:, 0], image_sizes[:, 1])
+            h, w = box_sizes(boxes)
+            valid = ((h >= self.min_box_size) & (w >= self.min_box_size)
+                     & (top.values >= self.score_threshold))
+            boxes_l.append(boxes)
+            scores_l.append(top.values)
+            valid_l.append(valid)
+        out = proposal_nms(boxes_l, scores_l, valid_l, post, self.nms_threshold,
+                           per_level=self.nms_per_level)
+        return {"boxes": out["boxes"],
+                "scores": tf.where(out["valid"], out["scores"], 0.0),
+                "valid": out["valid"]}
+
+    def get_config(self):
+        return {**super().get_config(), "pre_nms_topk_train": self.pre_nms_topk_train,
+                "post_nms_topk_train": self.post_nms_topk_train,
+                "pre_nms_topk_test": self.pre_nms_topk_test,
+                "post_nms_topk_test": self.post_nms_topk_test,
+                "nms_threshold": self.nms_threshold, "nms_per_level": self.nms_per_level,
+                "min_box_size": self.min_box_size, "score_threshold": self.score_threshold,
+                "box_coder_weights": list(self.box_coder_weights)}

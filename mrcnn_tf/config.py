@@ -279,8 +279,10 @@ class DataConfig:
 
     train: SourceConfig = section(SourceConfig)
     eval: SourceConfig = field(default_factory=_eval_source, metadata={"doc": "evaluation split"})
-    image_size: int = opt(1024, "padded square side S of the pipeline's images [B, S, S, 3]",
-                          min=32)
+    image_size: int = opt(1024, "padded square side S of the pipeline's images [B, S, S, 3];"
+                          " images are resized as model.preprocess says, then padded", min=32)
+    image_dtype: str = opt("float32", "dtype of the pipeline's images (values 0..255)",
+                           choices=("float32", "uint8"))
     max_instances: int = opt(100, "ground-truth rows per image M (padded with class -1)", min=1)
     mask_mode: str = opt("full", "full-frame masks or box-cropped mini-masks (saves memory)",
                          choices=("full", "mini"))

@@ -1,0 +1,202 @@
+"""tf.data input pipelines with static shapes: COCO JSON, TFRecord and synthetic shapes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from mrcnn_tf.config import Config, ConfigError, SourceConfig
+from mrcnn_tf.data import shapes as shapes_lib
+from mrcnn_tf.data.coco import CocoDataset, rasterize
+from mrcnn_tf.data.report import DataError
+from mrcnn_tf.data.tfrecord import parse_example
+from mrcnn_tf.data.transforms import TransformParams, transform
+
+logger = logging.getLogger("mrcnn_tf.data")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass
+class SourceInfo:
+    """What evaluation and export need to know about a source."""
+
+    class_names: list[str]
+    category_ids: list[int]  # dataset category id of contiguous class 1..N
+    num_images: int | None
+    coco: CocoDataset | None = None
+
+
+def _check_source(src: SourceConfig, key: str) -> None:
+    need = {"coco": ("annotation_file", "image_dir"), "tfrecord": ("tfrecord_pattern",),
+            "shapes": ()}[src.source]
+    for field in need:
+        if not getattr(src, field):
+            raise ConfigError(f"{key}.{field} is required when {key}.source={src.source}")
+
+
+def source_info(config: Config, training: bool) -> SourceInfo:
+    """Class names and category ids of the train or eval source (reads the COCO JSON once)."""
+    key = "data.train" if training else "data.eval"
+    src = config.data.train if training else config.data.eval
+    _check_source(src, key)
+    if src.source == "shapes":
+        return SourceInfo(list(shapes_lib.CLASS_NAMES), [1, 2, 3], src.num_images)
+    if src.source == "coco" or src.annotation_file:
+        coco = CocoDataset(src.annotation_file, src.image_dir or "",
+                           keep_empty_images=not training or config.data.keep_empty_images,
+                           max_instances=config.data.max_instances,
+                           check_files=src.source == "coco")
+        coco.report.log_summary()
+        return SourceInfo(coco.class_names, coco.category_ids, len(coco.records), coco)
+    n = config.model.num_classes
+    return SourceInfo([str(i) for i in range(1, n + 1)], list(range(1, n + 1)), None)
+
+
+def transform_params(config: Config) -> TransformParams:
+    d, pp = config.data, config.model.preprocess
+    need = pp.square_size if pp.resize == "square" else pp.long_size
+    if d.image_size < need:
+        raise ConfigError(f"data.image_size ({d.image_size}) is smaller than the resized images "
+                          f"(model.preprocess: {pp.resize}, up to {need} px); raise it to at "
+                          f"least {need}")
+    return TransformParams(canvas=d.image_size, resize=pp.resize, short_size=pp.short_size,
+                           long_size=pp.long_size, square_size=pp.square_size,
+                           max_instances=d.max_instances, mask_mode=d.mask_mode,
+                           mini_mask_size=d.mini_mask_size, hflip=d.hflip,
+                           aug_scale_min=d.aug_scale_min, aug_scale_max=d.aug_scale_max,
+                           image_dtype=d.image_dtype)
+
+
+def _coco_examples(info: SourceInfo, training, seed, input_context):
+    records = info.coco.records
+    paths = [r["file_name"] for r in records]
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(records)), paths))
+    if input_context is not None:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if training:
+        ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
+
+    def targets(i):
+        r = records[int(i)]
+        masks = rasterize(r["segmentations"], r["height"], r["width"])
+        return r["boxes"], r["classes"], masks, np.int64(r["image_id"])
+
+    def load(i, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        boxes, classes, masks, image_id = tf.numpy_function(
+            targets, [i], [tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False)
+        size = tf.shape(image)[:2]
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                tf.shape(masks)[1:], size,
+                message="image size differs from the annotation file's height/width")]):
+            masks = tf.reshape(masks, tf.concat([[-1], size], 0))
+        return {"image": image, "boxes": tf.reshape(boxes, [-1, 4]),
+                "classes": tf.reshape(classes, [-1]), "masks": masks,
+                "image_id": tf.reshape(image_id, [])}
+
+    return ds.map(load, num_parallel_calls=AUTOTUNE)
+
+
+def _tfrecord_examples(src, info, training, seed, input_context, deterministic):
+    files = tf.io.gfile.glob(src.tfrecord_pattern)
+    if not files:
+        raise DataError(f"data: no TFRecord files match {src.tfrecord_pattern!r}")
+    ds = tf.data.Dataset.from_tensor_slices(sorted(files))
+    if input_context is not None:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if training:
+        ds = ds.shuffle(1000, seed=seed, reshuffle_each_iteration=True)
+    ids = info.category_ids if info.coco is not None else None
+    return ds.map(lambda s: parse_example(s, ids), num_parallel_calls=AUTOTUNE)
+
+
+def _shapes_examples(src, size, training, seed, input_context):
+    ds = tf.data.Dataset.range(src.num_images)
+    if input_context is not None:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if training:
+        ds = ds.shuffle(src.num_images, seed=seed, reshuffle_each_iteration=True)
+
+    def gen(i):
+        e = shapes_lib.make_example(src.seed, int(i), size)
+        return e["image"], e["boxes"], e["classes"], e["masks"], e["image_id"]
+
+    def load(i):
+        image, boxes, classes, masks, image_id = tf.numpy_function(
+            gen, [i], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False)
+        return {"image": tf.reshape(image, [size, size, 3]), "boxes": tf.reshape(boxes, [-1, 4]),
+                "classes": tf.reshape(classes, [-1]),
+                "masks": tf.reshape(masks, [-1, size, size]), "image_id": tf.reshape(image_id, [])}
+
+    return ds.map(load, num_parallel_calls=AUTOTUNE)
+
+
+def build_dataset(config: Config, training: bool, batch_size: int | None = None,
+                  input_context: tf.distribute.InputContext | None = None,
+                  info: SourceInfo | None = None) -> tf.data.Dataset:
+    """The train (``training=True``) or eval dataset of ``config``: ``(images, targets)``.
+
+    Reads ``config.data`` (sources, canvas, augmentation) and ``config.model.preprocess`` (the
+    resize rule, so the pipeline's images are already at the model's scale).
+
+    Yields:
+      images: [B, S, S, 3] float32 (or uint8) 0..255, resized keeping the aspect ratio, padded.
+      targets: ``gt_boxes`` [B, M, 4] float32 (y1, x1, y2, x2) pixels of the padded frame;
+        ``gt_classes`` [B, M] int32 (1..N, -1 padding); ``gt_masks`` [B, M, S, S] uint8 (or
+        [B, M, m, m] mini-masks inside each box); ``image_info``: ``image_id`` [B] int64,
+        ``original_size`` [B, 2], ``image_size`` [B, 2] (content size), ``scale`` [B, 2].
+      Training batches drop the remainder (static shapes); evaluation keeps every image.
+
+    Args:
+      batch_size: per-pipeline batch; default ``train.batch_size`` / ``eval.batch_size``, or
+        the per-replica share of it when ``input_context`` is given.
+      input_context: from ``strategy.distribute_datasets_from_function``: each input pipeline
+        reads its own shard.
+      info: a :func:`source_info` result to reuse (it reads the annotation file).
+    """
+    key = "data.train" if training else "data.eval"
+    src = config.data.train if training else config.data.eval
+    _check_source(src, key)
+    info = info or source_info(config, training)
+    if len(info.class_names) != config.model.num_classes:
+        raise ConfigError(f"{key} has {len(info.class_names)} categories but "
+                          f"model.num_classes is {config.model.num_classes}")
+    params = transform_params(config)
+    if batch_size is None:
+        batch_size = config.train.batch_size if training else config.eval.batch_size
+        if input_context is not None:
+            batch_size = input_context.get_per_replica_batch_size(batch_size)
+    deterministic = config.data.deterministic or not training
+    seed = config.train.seed if config.data.deterministic else None
+
+    if src.source == "coco":
+        ds = _coco_examples(info, training, seed, input_context)
+    elif src.source == "tfrecord":
+        ds = _tfrecord_examples(src, info, training, seed, input_context, deterministic)
+    else:
+        ds = _shapes_examples(src, config.model.preprocess.square_size
+                              if config.model.preprocess.resize == "square"
+                              else config.data.image_size, training, seed, input_context)
+    # A file that passed the cheap checks but fails to decode is skipped, not fatal.
+    ds = ds.ignore_errors(log_warning=True)
+    if config.data.cache:
+        ds = ds.cache()
+        if training:
+            ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if training:
+        ds = ds.repeat()
+    ds = ds.map(lambda e: transform(e, params, training), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
+        else tf.data.experimental.AutoShardPolicy.DATA)
+    return ds.with_options(options).prefetch(AUTOTUNE)

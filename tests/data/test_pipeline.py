@@ -1,0 +1,197 @@
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mrcnn_tf.config import ConfigError, load_config
+from mrcnn_tf.data import build_dataset, source_info
+from tests.conftest import REPO
+from tests.data.fixtures import ann, make_coco, write_image
+
+SHAPES = str(REPO / "configs" / "shapes.yaml")
+
+
+def coco_config(ann_file, image_dir, size=256, extra=()):
+    return load_config(SHAPES, [
+        "data.eval.source=coco", f"data.eval.annotation_file={ann_file}",
+        f"data.eval.image_dir={image_dir}", "data.train.source=coco",
+        f"data.train.annotation_file={ann_file}", f"data.train.image_dir={image_dir}",
+        f"data.image_size={size}", f"model.preprocess.square_size={size}", *extra])
+
+
+def _collect(ds):
+    out = []
+    for images, t in ds:
+        for b in range(images.shape[0]):
+            out.append((images[b].numpy(), {k: v[b].numpy() for k, v in t.items()
+                                            if k != "image_info"},
+                        {k: v[b].numpy() for k, v in t["image_info"].items()}))
+    return out
+
+
+def test_color_modes_become_rgb_and_corrupt_files_are_skipped(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40), np.uint8), "L").save(tmp_path / "1.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), np.uint8), "CMYK").save(tmp_path / "2.jpg")
+    write_image(tmp_path / "3.png", 30, 40, fmt="png", channels=4)
+    write_image(tmp_path / "4.png", 30, 40, fmt="png", channels=1)
+    write_image(tmp_path / "5.jpg", 30, 40)
+    data = bytearray((tmp_path / "5.jpg").read_bytes())
+    data[2:-2] = b"\x00" * (len(data) - 4)  # framed like a JPEG, garbage inside
+    (tmp_path / "5.jpg").write_bytes(bytes(data))
+    names = ["1.jpg", "2.jpg", "3.png", "4.png", "5.jpg"]
+    images = [{"id": i + 1, "file_name": n, "height": 30, "width": 40}
+              for i, n in enumerate(names)]
+    anns = [ann(i + 1, i + 1, 2, 2, 10) for i in range(5)]
+    cfg = coco_config(*make_coco(tmp_path, images, anns), size=64,
+                      extra=["model.num_classes=2", "eval.batch_size=2"])
+    out = _collect(build_dataset(cfg, training=False))
+    assert sorted(info["image_id"] for _, _, info in out) == [1, 2, 3, 4]
+    for image, t, _ in out:
+        assert image.shape == (64, 64, 3)
+        assert image[:48].std() > 10  # real pixels in the content area, all three channels
+        assert t["gt_classes"][0] == 1
+
+
+def test_num_classes_must_match(tmp_path):
+    write_image(tmp_path / "1.jpg", 30, 40)
+    images = [{"id": 1, "file_name": "1.jpg", "height": 30, "width": 40}]
+    cfg = coco_config(*make_coco(tmp_path, images, [ann(1, 1, 2, 2, 10)]))
+    with pytest.raises(ConfigError, match="has 2 categories but model.num_classes is 3"):
+        build_dataset(cfg, training=False)
+
+
+def test_required_paths_and_canvas_size():
+    cfg = load_config(SHAPES, ["data.eval.source=coco"])
+    with pytest.raises(ConfigError, match="data.eval.annotation_file is required"):
+        build_dataset(cfg, training=False)
+    cfg = load_config(SHAPES, ["data.image_size=64"])
+    with pytest.raises(ConfigError, match=r"data.image_size \(64\) is smaller"):
+        build_dataset(cfg, training=True)
+
+
+def test_shapes_static_shapes_and_determinism():
+    cfg = load_config(SHAPES, ["data.eval.num_images=6", "eval.batch_size=3",
+                               "train.batch_size=2"])
+    train = build_dataset(cfg, training=True)
+    spec = train.element_spec
+    assert spec[0].shape == (2, 128, 128, 3)
+    assert spec[1]["gt_masks"].shape == (2, 8, 128, 128)
+    a = _collect(build_dataset(cfg, training=False))
+    b = _collect(build_dataset(cfg, training=False))
+    assert len(a) == 6
+    for (ia, ta, _), (ib, tb, _) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ta["gt_masks"], tb["gt_masks"])
+    other = _collect(build_dataset(load_config(SHAPES, ["data.eval.num_images=6",
+                                                        "data.eval.seed=5"]), training=False))
+    assert not np.array_equal(a[0][0], other[0][0])
+
+
+def _tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    return np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32)
+
+
+def test_flip_is_consistent_for_image_boxes_and_masks():
+    cfg = load_config(SHAPES, ["data.eval.num_images=8", "data.train.num_images=8",
+                               "data.train.seed=1", "train.batch_size=8", "data.hflip=true"])
+    plain = {info["image_id"]: (img, t) for img, t, info in
+             _collect(build_dataset(cfg, training=False))}
+    flipped = 0
+    for img, t, info in _collect(build_dataset(cfg, training=True).take(3)):
+        ref_img, ref_t = plain[info["image_id"]]
+        is_flipped = not np.allclose(img, ref_img)
+        flipped += is_flipped
+        want = ref_img[:, ::-1] if is_flipped else ref_img
+        np.testing.assert_allclose(img, want, atol=1e-3)
+        for k in range(int((t["gt_classes"] >= 0).sum())):
+            ref_mask = ref_t["gt_masks"][k][:, ::-1] if is_flipped else ref_t["gt_masks"][k]
+            np.testing.assert_array_equal(t["gt_masks"][k], ref_mask)
+            np.testing.assert_allclose(t["gt_boxes"][k], _tight_box(t["gt_masks"][k]))
+    assert 0 < flipped < 24
+
+
+def test_scale_jitter_crops_to_canvas():
+    cfg = load_config(SHAPES, ["data.aug_scale_min=1.5", "data.aug_scale_max=2.0",
+                               "train.batch_size=4", "data.train.num_images=8"])
+    images, t = next(iter(build_dataset(cfg, training=True)))
+    assert images.shape == (4, 128, 128, 3)
+    sizes = t["image_info"]["image_size"].numpy()
+    assert (sizes == 128).all()  # content fills the canvas after the crop
+    scale = t["image_info"]["scale"].numpy()
+    assert (scale >= 1.49).all() and (scale <= 2.01).all()
+    boxes, classes = t["gt_boxes"].numpy(), t["gt_classes"].numpy()
+    valid = classes >= 0
+    assert (boxes[valid] >= 0).all() and (boxes[valid] <= 128).all()
+    assert ((boxes[valid][:, 2] - boxes[valid][:, 0]) > 0).all()
+
+
+def test_distributed_input_context_shards():
+    cfg = load_config(SHAPES, ["data.train.num_images=10", "train.batch_size=4"])
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                     num_replicas_in_sync=2)
+    ds = build_dataset(cfg, training=True, input_context=ctx)
+    assert ds.element_spec[0].shape[0] == 2  # per-replica batch
+    ids = set()
+    for _, t in ds.take(10):
+        ids.update(t["image_info"]["image_id"].numpy().tolist())
+    assert ids == {1, 3, 5, 7, 9}  # this pipeline's shard only
+
+
+# ------------------------------------------------------------------- real COCO data
+
+
+def _coco_paths(shared_data, name):
+    if name == "coco_tiny16":
+        return (str(shared_data / name / "instances_train2017.json"),
+                str(shared_data / name / "train2017"))
+    return (str(shared_data / name / "annotations" / "instances_train2017.json"),
+            str(shared_data / name / "train2017"))
+
+
+@pytest.mark.parametrize("name", ["coco_tiny16", "coco128"])
+def test_instance_counts_match_the_json(shared_data, name):
+    ann_file, image_dir = _coco_paths(shared_data, name)
+    with open(ann_file) as f:
+        data = json.load(f)
+    non_crowd = sum(1 for a in data["annotations"] if not a["iscrowd"])
+    cfg = coco_config(ann_file, image_dir, 256, ["model.num_classes=80",
+                                                 "data.max_instances=100",
+                                                 "data.mask_mode=mini", "eval.batch_size=16"])
+    out = _collect(build_dataset(cfg, training=False))
+    assert len(out) == len(data["images"])
+    assert sum(int((t["gt_classes"] >= 0).sum()) for _, t, _ in out) == non_crowd
+
+
+def test_masks_map_back_to_the_original_annotations(shared_data):
+    from pycocotools.coco import COCO
+
+    ann_file, image_dir = _coco_paths(shared_data, "coco_tiny16")
+    coco = COCO(ann_file)
+    cfg = coco_config(ann_file, image_dir, 800, ["model.num_classes=80", "data.max_instances=64",
+                                                 "eval.batch_size=1"])
+    info = source_info(cfg, training=False)
+    ious, box_err = [], []
+    for _, t, img_info in _collect(build_dataset(cfg, training=False, info=info)):
+        image_id = int(img_info["image_id"])
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+        h, w = img_info["original_size"]
+        ch, cw = img_info["image_size"]
+        n = int((t["gt_classes"] >= 0).sum())
+        assert n == len(anns)
+        for k, a in enumerate(anns):
+            assert info.category_ids[t["gt_classes"][k] - 1] == a["category_id"]
+            m = t["gt_masks"][k][:ch, :cw].astype(np.float32)
+            back = tf.image.resize(m[..., None], (h, w), method="bilinear")[..., 0].numpy() >= 0.5
+            ref = coco.annToMask(a) > 0
+            ious.append((back & ref).sum() / max((back | ref).sum(), 1))
+            box_err.append(np.abs(t["gt_boxes"][k] - _tight_box(t["gt_masks"][k])).max())
+    ious = np.array(ious)
+    print(f"{len(ious)} masks: min IoU {ious.min():.3f}, mean {ious.mean():.4f}; "
+          f"box vs mask max {max(box_err):.2f} px")
+    assert ious.min() >= 0.9
+    assert np.percentile(box_err, 95) <= 2.5  # COCO boxes hug the polygons within ~1 px

@@ -6,12 +6,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn_tf import losses as L
+from mrcnn_tf import targets as T
 from mrcnn_tf.config import Config, config_from_dict, to_dict
 from mrcnn_tf.factory import build_layers
 from mrcnn_tf.ops.anchors import multilevel_anchors
+from mrcnn_tf.ops.box_coder import BoxCoder
+from mrcnn_tf.ops.matcher import Matcher
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "detection_masks",
                   "num_detections")
+LOSS_KEYS = ("loss_rpn_objectness", "loss_rpn_box", "loss_box_class", "loss_box_reg",
+             "loss_mask")
 
 
 def _unpack(inputs):
@@ -48,6 +54,14 @@ class MaskRCNN(keras.Model):
         self.cfg = config if isinstance(config, Config) else config_from_dict(config)
         for name, layer in build_layers(self.cfg.model).items():
             setattr(self, name, layer)
+        m = self.cfg.model
+        self.rpn_matcher = Matcher((m.rpn.negative_iou, m.rpn.positive_iou), (0, -1, 1),
+                                   m.rpn.allow_low_quality_matches)
+        self.roi_matcher = Matcher((m.box_head.background_iou, m.box_head.foreground_iou),
+                                   (0, -1, 1), allow_low_quality_matches=False)
+        self.rpn_coder = BoxCoder(m.rpn.box_coder_weights)
+        self.roi_coder = BoxCoder(m.box_head.box_coder_weights)
+        self.loss_trackers = {k: keras.metrics.Mean(name=k) for k in LOSS_KEYS + ("loss",)}
 
     # -- the algorithm, one screen -----------------------------------------------------------
 
@@ -109,6 +123,148 @@ class MaskRCNN(keras.Model):
         out = dict(detections)
         out["detection_boxes"] = boxes
         return {k: out[k] for k in DETECTION_KEYS}
+
+    # -- training: targets and losses inside the same forward pass -----------------------------
+
+    def forward_train(self, images, targets, training=True):
+        """Losses of one batch from the data contract (mrcnn_tf.data.build_dataset).
+
+        Args:
+          images: [B, S, S, 3] at the model's scale (resized by the pipeline).
+          targets: ``gt_boxes`` [B, M, 4], ``gt_classes`` [B, M] (-1 padding), ``gt_masks``
+            [B, M, S, S] or mini-masks [B, M, m, m], ``image_info["image_size"]`` [B, 2].
+        Returns:
+          {loss_rpn_objectness, loss_rpn_box, loss_box_class, loss_box_reg, loss_mask}, each
+          already weighted, float32.
+        """
+        m = self.cfg.model
+        gt_boxes = tf.cast(targets["gt_boxes"], tf.float32)
+        gt_classes = tf.cast(targets["gt_classes"], tf.int32)
+        gt_valid = gt_classes > 0
+        sizes = targets.get("image_info", {}).get("image_size")
+        pre = self.preprocessor(images, sizes, resize=False)
+        features = self.fpn(self.backbone(pre["images"], training=training), training=training)
+        rpn = self.rpn_head(features, training=training)
+        anchors = self.anchors(features, tf.shape(pre["images"])[1:3])
+
+        rt = T.rpn_targets(tf.concat(anchors, 0), gt_boxes, gt_valid, self.rpn_matcher,
+                           self.rpn_coder, m.rpn.batch_size_per_image, m.rpn.positive_fraction)
+        objectness = tf.concat(rpn["objectness"], axis=1)
+        rpn_deltas = tf.concat(rpn["deltas"], axis=1)
+        proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors,
+                                            pre["image_sizes"], training=True)
+        rois = T.sample_rois(proposals["boxes"], proposals["valid"], gt_boxes, gt_classes,
+                             gt_valid, self.roi_matcher, self.roi_coder,
+                             m.box_head.batch_size_per_image, m.box_head.positive_fraction)
+        box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training)
+
+        n_fg = int(m.box_head.batch_size_per_image * m.box_head.positive_fraction)
+        fg_boxes, fg_classes = rois["boxes"][:, :n_fg], rois["classes"][:, :n_fg]
+        fg = rois["foreground"][:, :n_fg]
+        mask_logits = self.mask_head(self.mask_roi_align(features, fg_boxes), training=training)
+        mask_targets = T.mask_targets(targets["gt_masks"], gt_boxes, fg_boxes,
+                                      rois["matched"][:, :n_fg], mask_logits.shape[2],
+                                      self.cfg.data.mask_mode == "mini")
+        r = m.rpn
+        return {
+            "loss_rpn_objectness": r.objectness_loss_weight * L.rpn_objectness_loss(
+                objectness, rt["labels"], rt["sampled"], r.objectness_loss, r.focal_alpha,
+                r.focal_gamma),
+            "loss_rpn_box": r.box_loss_weight * L.rpn_box_loss(
+                rpn_deltas, rt["box_targets"], rt["positive"], rt["sampled"], r.box_loss,
+                r.smooth_l1_beta, r.box_loss_weights, tf.concat(anchors, 0), rt["matched_boxes"],
+                self.rpn_coder),
+            "loss_box_class": m.box_head.class_loss_weight * L.box_class_loss(
+                box["class_logits"], rois["classes"], rois["valid"]),
+            "loss_box_reg": m.box_head.box_loss_weight * L.box_reg_loss(
+                box["box_deltas"], rois["box_targets"], rois["classes"], rois["foreground"],
+                rois["valid"], m.box_head.smooth_l1_beta),
+            "loss_mask": m.mask_head.loss_weight * L.mask_loss(
+                mask_logits, mask_targets, fg_classes, fg, m.mask_head.loss),
+        }
+
+    def compile(self, optimizer=None, jit_compile=False, **kwargs):
+        """Keras compile with this model's defaults: the config's optimiser when none is given,
+        and no XLA (``tf.image.crop_and_resize`` and ``combined_non_max_suppression`` have no XLA
+        kernel, so ``jit_compile="auto"`` must not switch it on on a GPU)."""
+        if jit_compile not in (False, None, "auto"):
+            raise ValueError("MaskRCNN cannot be jit-compiled: crop_and_resize and "
+                             "combined_non_max_suppression have no XLA kernel")
+        if optimizer is None:
+            from mrcnn_tf.optim import build_optimizer
+
+            optimizer = build_optimizer(self.cfg.train)
+        super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+        self.optimizer.build(self.trainable_variables)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15's fit() averages the first data batch over replicas to trace a symbolic
+        # build; under MultiWorkerMirroredStrategy that collective fails on the image tensors
+        # (keras-team/keras#20585). Weights, optimiser and metrics are already built by
+        # build() and compile(), so there is nothing to build. Remove once Keras skips built
+        # models itself (tests/test_training.py::test_multi_worker_* guards this).
+        if self.built and self.optimizer is not None and self.optimizer.built:
+            return None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+    def _log(self, losses, total, **extra):
+        """Updates the trackers with values summed over replicas (identical on every one)."""
+        for k, v in losses.items():
+            self.loss_trackers[k].update_state(L.global_sum(v))
+        self.loss_trackers["loss"].update_state(L.global_sum(total))
+        logs = {k: t.result() for k, t in self.loss_trackers.items()}
+        logs.update(extra)
+        strategy = tf.distribute.get_strategy()
+        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):
+            # Keras 3.15's fit() reduces every log with strategy.reduce(MEAN, axis=0) under
+            # MultiWorkerMirroredStrategy, which fails on scalars (keras-team/keras#20585,
+            # tensorflow#72388). Shape [1] makes that reduce return the scalar (the values are
+            # the same on every replica). Remove when Keras reduces scalars itself.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def train_step(self, data):
+        images, targets = data[0], data[1]
+        t = self.cfg.train
+        variables = self.trainable_variables
+        opt = self.optimizer
+        with tf.GradientTape() as tape:
+            losses = self.forward_train(images, targets, training=True)
+            total = tf.add_n(list(losses.values()))
+            scaled = opt.scale_loss(total) if hasattr(opt, "scale_loss") else total
+        grads = tape.gradient(scaled, variables)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        loss_scale = tf.cast(opt.dynamic_scale, tf.float32) if hasattr(opt, "dynamic_scale") \
+            else 1.0
+        if t.weight_decay > 0 and t.optimizer == "sgd":
+            # Coupled L2 as PyTorch's SGD (through momentum), kernels only; each replica adds
+            # its share because the optimiser sums gradients over replicas.
+            coef = t.weight_decay / replicas
+            grads = [g + tf.cast(coef * loss_scale, g.dtype) * tf.cast(v, g.dtype)
+                     if g is not None and v.path.endswith("kernel") else g
+                     for g, v in zip(grads, variables)]
+        if t.clip_norm:
+            # Clip the replica-summed gradient: scale every replica's share by one factor.
+            norm = tf.sqrt(tf.add_n([L.global_sum(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
+                                     for g in grads if g is not None])) / loss_scale
+            factor = tf.minimum(1.0, t.clip_norm / tf.maximum(norm, 1e-12))
+            grads = [g * tf.cast(factor, g.dtype) if g is not None else g for g in grads]
+        opt.apply_gradients(zip(grads, variables))
+        return self._log(losses, total, learning_rate=tf.cast(opt.learning_rate, tf.float32))
+
+    def test_step(self, data):
+        losses = self.forward_train(data[0], data[1], training=False)
+        return self._log(losses, tf.add_n(list(losses.values())))
+
+    def predict_step(self, data):
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        return self(data, training=False)
 
     # -- Keras plumbing ------------------------------------------------------------------------
 

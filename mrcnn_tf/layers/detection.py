@@ -26,6 +26,8 @@ class DetectionGenerator(keras.layers.Layer):
 
     def __init__(self, score_threshold=0.05, nms_threshold=0.5, max_detections=100,
                  min_box_size=1e-2, box_coder_weights=(10.0, 10.0, 5.0, 5.0), **kwargs):
+        # Boxes and sizes must not be cast to a mixed-precision compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.score_threshold, self.nms_threshold = float(score_threshold), float(nms_threshold)
         self.max_detections, self.min_box_size = int(max_detections), float(min_box_size)

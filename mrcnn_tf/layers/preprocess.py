@@ -51,6 +51,8 @@ class Preprocessor(keras.layers.Layer):
     def __init__(self, resize="short_long", short_size=800, long_size=1333, square_size=1024,
                  size_divisibility=32, pixel_mean=(0.485, 0.456, 0.406),
                  pixel_std=(0.229, 0.224, 0.225), **kwargs):
+        # Boxes and sizes must not be cast to a mixed-precision compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.resize, self.short_size, self.long_size = resize, int(short_size), int(long_size)
         self.square_size, self.size_divisibility = int(square_size), int(size_divisibility)
@@ -60,11 +62,15 @@ class Preprocessor(keras.layers.Layer):
             raise ValueError(f"Preprocessor: resize must be 'short_long' or 'square', got "
                              f"{resize!r}")
 
-    def call(self, images, image_sizes=None):
+    def call(self, images, image_sizes=None, resize=True):
+        """``resize=False``: images are already at the model's scale (the training pipeline
+        resized them, with scale jitter); only normalise and pad to ``size_divisibility``."""
         shape = tf.shape(images)
         if image_sizes is None:
             image_sizes = tf.tile(shape[None, 1:3], [shape[0], 1])
         image_sizes = tf.cast(image_sizes, tf.int32)
+        if not resize:
+            return self._normalize_and_pad(images, image_sizes)
         new_sizes, _ = resized_sizes(image_sizes, self.resize, self.short_size, self.long_size,
                                      self.square_size)
         d = self.size_divisibility
@@ -90,6 +96,23 @@ class Preprocessor(keras.layers.Layer):
             out = tf.ensure_shape(out, [None, side, side, channels])
         scales = tf.cast(image_sizes, tf.float32) / tf.cast(new_sizes, tf.float32)
         return {"images": out, "image_sizes": new_sizes, "scales": scales}
+
+    def _normalize_and_pad(self, images, image_sizes):
+        mean = tf.constant(self.pixel_mean, tf.float32) * 255.0
+        std = tf.constant(self.pixel_std, tf.float32) * 255.0
+        shape = tf.shape(images)
+        d = self.size_divisibility
+        x = (tf.cast(images, tf.float32) - mean) / std
+        # Zero outside each image's content, as after resize-and-pad.
+        rows = tf.range(shape[1])[None, :, None] < image_sizes[:, 0, None, None]
+        cols = tf.range(shape[2])[None, None, :] < image_sizes[:, 1, None, None]
+        x = tf.where((rows & cols)[..., None], x, 0.0)
+        h = images.shape[1] if images.shape[1] is not None else shape[1]
+        w = images.shape[2] if images.shape[2] is not None else shape[2]
+        pad_h, pad_w = (d - h % d) % d, (d - w % d) % d  # static when the canvas is
+        x = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        return {"images": x, "image_sizes": image_sizes,
+                "scales": tf.ones(tf.shape(image_sizes), tf.float32)}
 
     def get_config(self):
         return {**super().get_config(), "resize": self.resize, "short_size": self.short_size,

@@ -36,6 +36,8 @@ class ProposalGenerator(keras.layers.Layer):
                  post_nms_topk_test=1000, nms_threshold=0.7, nms_per_level=True,
                  min_box_size=1e-3, score_threshold=0.0, box_coder_weights=(1.0, 1.0, 1.0, 1.0),
                  **kwargs):
+        # Boxes and sizes must not be cast to a mixed-precision compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.pre_nms_topk_train, self.post_nms_topk_train = pre_nms_topk_train, post_nms_topk_train
         self.pre_nms_topk_test, self.post_nms_topk_test = pre_nms_topk_test, post_nms_topk_test

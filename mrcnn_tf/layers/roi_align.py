@@ -23,6 +23,8 @@ class MultilevelRoIAlign(keras.layers.Layer):
     def __init__(self, output_size: int = 7, sampling_ratio=2, aligned: bool = True,
                  min_level: int = 2, max_level: int = 5, canonical_size: float = 224.0,
                  canonical_level: int = 4, **kwargs):
+        # Boxes and sizes must not be cast to a mixed-precision compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.output_size = int(output_size)
         self.sampling_ratio = (list(sampling_ratio) if isinstance(sampling_ratio, (list, tuple))

@@ -75,7 +75,10 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
     first_y, last_y = _sample_span(y1, roi_h, out_h, ratio)
     first_x, last_x = _sample_span(x1, roi_w, out_w, ratio)
 
-    padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    image = features
+    if image.dtype not in (tf.float16, tf.float32, tf.float64):
+        image = tf.cast(image, tf.float32)  # crop_and_resize has no bfloat16 kernel
+    padded = tf.pad(image, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
     shape = tf.shape(features)
     # Padded map has size + 2 rows; crop_and_resize normalises by (padded size - 1) = size + 1.
     norm_h = tf.cast(shape[1] + 1, tf.float32)

@@ -1,0 +1,105 @@
+"""Training targets, computed inside the model's one forward pass.
+
+Why in the model and not in the input pipeline (as Model Garden does): the anchors depend only on
+the padded canvas, which is static in training, so labelling them in the graph costs one IoU
+matrix and keeps every user pipeline trivial -- a user's own ``tf.data`` pipeline only has to
+deliver images and padded ground truth (the data contract), never anchors or sampled RoIs; and the
+RoI sampler needs the proposals, which only the model has.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mrcnn_tf.ops.box_coder import BoxCoder
+from mrcnn_tf.ops.boxes import pairwise_iou
+from mrcnn_tf.ops.masks import crop_masks
+from mrcnn_tf.ops.matcher import Matcher
+from mrcnn_tf.ops.sampler import sample_balanced, sampled_mask
+
+
+def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, matcher: Matcher,
+                coder: BoxCoder, batch_size_per_image: int, positive_fraction: float) -> dict:
+    """Labels and samples anchors (torchvision's RPN assignment).
+
+    Args:
+      anchors: [N, 4] for the padded canvas (shared by the batch).
+      gt_boxes: [B, M, 4]; gt_valid: [B, M] bool.
+    Returns:
+      ``labels`` [B, N] float32 (1 positive, 0 negative), ``sampled`` [B, N] bool (the
+      ``batch_size_per_image`` anchors in the loss), ``positive`` [B, N] bool (sampled positives),
+      ``box_targets`` [B, N, 4] deltas to the matched ground truth, ``matched_boxes`` [B, N, 4].
+    """
+    batch = tf.shape(gt_boxes)[0]
+    anchors_b = tf.tile(anchors[None], tf.stack([batch, 1, 1]))
+    iou = pairwise_iou(anchors_b, gt_boxes, valid2=gt_valid)
+    matched, labels = matcher(iou)
+    sample = sample_balanced(labels, batch_size_per_image, positive_fraction)
+    sampled = sampled_mask(sample, tf.shape(labels)[1])
+    matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
+    return {
+        "labels": tf.cast(labels >= 1, tf.float32),
+        "sampled": sampled,
+        "positive": sampled & (labels >= 1),
+        "box_targets": coder.encode(matched_boxes, anchors_b),
+        "matched_boxes": matched_boxes,
+    }
+
+
+def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Tensor,
+                gt_classes: tf.Tensor, gt_valid: tf.Tensor, matcher: Matcher, coder: BoxCoder,
+                batch_size_per_image: int, positive_fraction: float) -> dict:
+    """Adds the ground truth to the proposals, matches, samples a fixed number of RoIs.
+
+    Args:
+      proposals: [B, P, 4] (stop-gradient) with proposal_valid [B, P].
+      gt_boxes: [B, M, 4]; gt_classes: [B, M] int32; gt_valid: [B, M] bool.
+    Returns (S = batch_size_per_image, foreground first):
+      ``boxes`` [B, S, 4]; ``valid`` [B, S]; ``foreground`` [B, S]; ``classes`` [B, S] int32
+      (0 background, or the matched class); ``box_targets`` [B, S, 4] deltas; ``matched`` [B, S]
+      int32 ground-truth index.
+    """
+    boxes = tf.concat([tf.stop_gradient(proposals), gt_boxes], axis=1)
+    valid = tf.concat([proposal_valid, gt_valid], axis=1)
+    iou = pairwise_iou(boxes, gt_boxes, valid1=valid, valid2=gt_valid)
+    matched, labels = matcher(iou)
+    labels = tf.where(valid, labels, -1)  # padding is never sampled
+    sample = sample_balanced(labels, batch_size_per_image, positive_fraction)
+    idx = sample["indices"]
+    rois = tf.gather(boxes, idx, batch_dims=1)
+    roi_matched = tf.gather(matched, idx, batch_dims=1)
+    fg = sample["is_positive"]
+    classes = tf.where(fg, tf.gather(gt_classes, roi_matched, batch_dims=1), 0)
+    target_boxes = tf.gather(gt_boxes, roi_matched, batch_dims=1)
+    return {
+        "boxes": rois,
+        "valid": sample["valid"],
+        "foreground": fg,
+        "classes": classes,
+        "box_targets": coder.encode(target_boxes, rois),
+        "matched": roi_matched,
+    }
+
+
+def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matched: tf.Tensor,
+                 size: int, mini_masks: bool) -> tf.Tensor:
+    """Binary mask targets of the foreground RoIs.
+
+    Args:
+      gt_masks: [B, M, H, W] full-frame masks, or [B, M, m, m] mini-masks inside each gt box.
+      gt_boxes: [B, M, 4]; rois: [B, R, 4]; matched: [B, R] gt index of each RoI.
+      size: target side (28).
+    Returns:
+      [B, R, size, size] float32 in {0, 1} (coverage >= 0.5, as detectron2).
+    """
+    if mini_masks:
+        # Express each RoI in the frame of its ground truth's mini-mask.
+        gt = tf.gather(gt_boxes, matched, batch_dims=1)
+        m = tf.cast(tf.shape(gt_masks)[2], tf.float32)
+        gy1, gx1, gy2, gx2 = tf.unstack(gt, 4, axis=-1)
+        sy = m / tf.maximum(gy2 - gy1, 1e-6)
+        sx = m / tf.maximum(gx2 - gx1, 1e-6)
+        y1, x1, y2, x2 = tf.unstack(rois, 4, axis=-1)
+        rois = tf.stack([(y1 - gy1) * sy, (x1 - gx1) * sx, (y2 - gy1) * sy, (x2 - gx1) * sx], -1)
+    crops = crop_masks(gt_masks, tf.stop_gradient(rois), matched, size)
+    return tf.cast(crops >= 0.5, tf.float32)

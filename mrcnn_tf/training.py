@@ -1,0 +1,193 @@
+"""The training loop around ``model.fit``: strategy, datasets, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from mrcnn_tf.config import Config, to_dict
+from mrcnn_tf.data import build_dataset, source_info
+from mrcnn_tf.model import LOSS_KEYS, build_model
+
+logger = logging.getLogger("mrcnn_tf")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name: str, tpu: str | None = None, cpu_replicas: int = 0
+                  ) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called ``name`` (create it before the model).
+
+    ``multi_worker`` reads the cluster from ``TF_CONFIG``; ``tpu`` resolves ``tpu`` (a name or
+    grpc address, or the environment's TPU when None). ``cpu_replicas`` > 1 splits the CPU into
+    that many logical devices and mirrors over them (``mirrored`` only; for testing distribution
+    on a machine without GPUs).
+    """
+    if cpu_replicas > 1:
+        if name != "mirrored":
+            raise ValueError("--cpu_replicas needs --strategy mirrored")
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        return tf.distribute.MirroredStrategy(
+            [d.name for d in tf.config.list_logical_devices("CPU")])
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG names this process a non-chief worker."""
+    cfg = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = cfg.get("task", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and \
+        "chief" not in cfg.get("cluster", {})
+
+
+class CheckpointEvery(keras.callbacks.Callback):
+    """Writes a checkpoint every ``every`` optimiser steps and at the end of training.
+
+    tf.train.CheckpointManager writes the checkpoint files first and then replaces its index
+    file atomically, so a process killed mid-write leaves the previous checkpoint as the latest.
+    Under MultiWorkerMirroredStrategy every worker must take part in the save; non-chief workers
+    write to a scratch directory that is deleted afterwards.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, every: int, total: int):
+        super().__init__()
+        self.manager, self.every, self.total = manager, every, total
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self._step()
+        if step % self.every == 0 or step >= self.total:
+            self.manager.save(checkpoint_number=step)
+            logger.info("checkpoint at step %d: %s", step, self.manager.latest_checkpoint)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops with a clear message as soon as a loss is NaN or Inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        for k, v in (logs or {}).items():
+            if k.startswith("loss") and not math.isfinite(float(v)):
+                step = int(self.model.optimizer.iterations.numpy())
+                self.bad = f"{k} is {float(v)} at step {step}"
+                print(f"\nstopping: {self.bad}; the last good checkpoint is kept. Lower "
+                      "train.base_learning_rate or set train.clip_norm.", flush=True)
+                self.model.stop_training = True
+                return
+
+
+def _distributed_dataset(config: Config, strategy, training: bool):
+    info = source_info(config, training)
+    if strategy.num_replicas_in_sync == 1:
+        return build_dataset(config, training, info=info), info
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: build_dataset(config, training, input_context=ctx, info=info)), info
+
+
+def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
+          verbose: int | str = "auto", extra_callbacks=(), final_weights: str | None = None
+          ) -> dict:
+    """Trains ``config`` under ``strategy`` into ``model_dir``, resuming from its latest
+    checkpoint. Returns a summary dict (also written to ``model_dir/summary.json`` by the chief).
+    """
+    t = config.train
+    replicas = strategy.num_replicas_in_sync
+    if t.batch_size % replicas:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of "
+                         f"replicas ({replicas})")
+    if replicas > 1 and "bn" in (config.model.backbone.norm, config.model.fpn.norm,
+                                 config.model.mask_head.norm, config.model.box_head.norm):
+        logger.warning("norm=bn under %d replicas: each replica keeps its own batch statistics; "
+                       "use sync_bn (or frozen_bn) for identical models on every replica",
+                       replicas)
+    if t.mixed_precision != "float32":
+        keras.mixed_precision.set_global_policy(t.mixed_precision)
+    keras.utils.set_random_seed(t.seed)
+    chief = is_chief()
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    if not chief:
+        ckpt_dir = os.path.join(model_dir, "tmp_worker", str(os.getpid()))
+    os.makedirs(ckpt_dir, exist_ok=True)
+
+    with strategy.scope():
+        model = build_model(config)
+        model.compile()
+        model.optimizer.build(model.trainable_variables)
+    dataset, info = _distributed_dataset(config, strategy, training=True)
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    start = 0
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        start = int(model.optimizer.iterations.numpy())
+        print(f"resumed from {latest} at step {start}", flush=True)
+    if chief:
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(to_dict(config), f, indent=1)
+
+    steps_per_epoch = math.gcd(t.steps, t.checkpoint_every)
+    epochs = t.steps // steps_per_epoch
+    nan_stop = StopOnNaN()
+    callbacks = [CheckpointEvery(manager, t.checkpoint_every, t.steps), nan_stop, *extra_callbacks]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
+                                                     update_freq=t.log_every))
+    t0 = time.time()
+    history = None
+    if start < t.steps:
+        history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            initial_epoch=start // steps_per_epoch, callbacks=callbacks,
+                            verbose=verbose)
+    elapsed = time.time() - t0
+    end = int(model.optimizer.iterations.numpy())
+    if final_weights:
+        model.save_weights(final_weights)
+    last = {k: float(v[-1]) for k, v in (history.history if history else {}).items()}
+    summary = {"model_dir": model_dir, "strategy": type(strategy).__name__,
+               "replicas": replicas, "resumed_from_step": start, "final_step": end,
+               "steps_run": end - start, "seconds": round(elapsed, 1),
+               "seconds_per_step": round(elapsed / max(end - start, 1), 4),
+               "latest_checkpoint": tf.train.latest_checkpoint(ckpt_dir),
+               "final_logs": {k: last[k] for k in (*LOSS_KEYS, "loss", "learning_rate")
+                              if k in last},
+               "stopped_on_nan": nan_stop.bad}
+    if chief:
+        with open(os.path.join(model_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    else:
+        tf.io.gfile.rmtree(ckpt_dir)
+    summary["model"] = model
+    summary["class_names"] = info.class_names
+    return summary

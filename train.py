@@ -1,0 +1,76 @@
+"""Train (and evaluate) Mask R-CNN.
+
+    python train.py                                   # configs/shapes.yaml into runs/shapes
+    python train.py --config configs/coco_r50_fpn_1x.yaml --strategy mirrored \
+        --model_dir runs/coco --set data.train.annotation_file=... data.train.image_dir=...
+
+Running it again with the same --model_dir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "shapes.yaml")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train and evaluate Mask R-CNN (mrcnn_tf).")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: shapes)")
+    p.add_argument("--strategy", default="default",
+                   choices=("default", "one_device", "mirrored", "multi_worker", "tpu"))
+    p.add_argument("--tpu", default=None, help="TPU name or grpc address (--strategy tpu)")
+    p.add_argument("--cpu_replicas", type=int, default=0,
+                   help="with --strategy mirrored: mirror over this many logical CPU devices")
+    p.add_argument("--final_weights", default=None,
+                   help="also save the final weights to this .weights.h5 file (every worker)")
+    p.add_argument("--model_dir", default=None, help="default: runs/<config name>")
+    p.add_argument("--mode", default="train", choices=("train", "eval", "train_and_eval"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.steps=100")
+    p.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1, 2")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mrcnn_tf import load_config
+    from mrcnn_tf.config import ConfigError
+
+    try:
+        config = load_config(args.config, args.set)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_dir = args.model_dir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.config))[0])
+    os.makedirs(model_dir, exist_ok=True)
+
+    from mrcnn_tf.training import make_strategy, train
+
+    strategy = make_strategy(args.strategy, args.tpu, args.cpu_replicas)  # before the model
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    if args.mode in ("train", "train_and_eval"):
+        summary = train(config, strategy, model_dir, verbose=verbose,
+                        final_weights=args.final_weights)
+        summary.pop("model")
+        summary.pop("class_names")
+        print("run summary: " + json.dumps(summary, indent=1), flush=True)
+        if summary["stopped_on_nan"]:
+            return 3
+    if args.mode in ("eval", "train_and_eval"):
+        from mrcnn_tf.evaluation.run import evaluate_model_dir
+
+        results = evaluate_model_dir(config, model_dir, strategy)
+        print("evaluation: " + json.dumps(results, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--final_weights", default=None,
                    help="also save the final weights to this .weights.h5 file (every worker)")
     p.add_argument("--model_dir", default=None, help="default: runs/<config name>")
-    p.add_argument("--mode", default="train", choices=("train", "eval", "train_and_eval"))
+    p.add_argument("--mode", default="train_and_eval", choices=("train", "eval", "train_and_eval"),
+                   help="train_and_eval (default) evaluates every eval.every_n_steps and at the "
+                        "end, and draws predictions on a few validation images")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.steps=100")
     p.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1, 2")
@@ -52,23 +54,44 @@ def main(argv=None) -> int:
         "runs", os.path.splitext(os.path.basename(args.config))[0])
     os.makedirs(model_dir, exist_ok=True)
 
-    from mrcnn_tf.training import make_strategy, train
+    from mrcnn_tf.training import is_chief, make_strategy, train
 
     strategy = make_strategy(args.strategy, args.tpu, args.cpu_replicas)  # before the model
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
-    if args.mode in ("train", "train_and_eval"):
-        summary = train(config, strategy, model_dir, verbose=verbose,
-                        final_weights=args.final_weights)
-        summary.pop("model")
-        summary.pop("class_names")
-        print("run summary: " + json.dumps(summary, indent=1), flush=True)
-        if summary["stopped_on_nan"]:
-            return 3
-    if args.mode in ("eval", "train_and_eval"):
+    if args.mode == "eval":
         from mrcnn_tf.evaluation.run import evaluate_model_dir
 
         results = evaluate_model_dir(config, model_dir, strategy)
+        results.pop("per_class")
         print("evaluation: " + json.dumps(results, indent=1), flush=True)
+        return 0
+
+    callbacks = []
+    if args.mode == "train_and_eval":
+        from mrcnn_tf.evaluation.run import CocoEvalCallback
+
+        callbacks.append(CocoEvalCallback(config, model_dir, write=is_chief()))
+    summary = train(config, strategy, model_dir, verbose=verbose, extra_callbacks=callbacks,
+                    final_weights=args.final_weights)
+    model = summary.pop("model")
+    class_names = summary.pop("class_names")
+    if summary["stopped_on_nan"]:
+        print("run summary: " + json.dumps(summary, indent=1), flush=True)
+        return 3
+    if callbacks:
+        from mrcnn_tf.training import draw_validation_predictions
+
+        evaluator = callbacks[0]
+        evaluator.set_model(model)
+        evaluator._run()  # the final evaluation (skipped if this step was just evaluated)
+        if evaluator.history:
+            last = evaluator.history[-1]
+            summary["eval"] = {"step": last["step"], "bbox_AP": last["bbox"]["AP"],
+                               "segm_AP": last["segm"]["AP"]}
+        if is_chief():
+            summary["predictions"] = draw_validation_predictions(model, config, model_dir,
+                                                                 class_names)
+    print("run summary: " + json.dumps(summary, indent=1), flush=True)
     return 0
 
 

@@ -106,6 +106,21 @@ class StopOnNaN(keras.callbacks.Callback):
                 return
 
 
+def write_label_map(model_dir: str, category_ids, class_names) -> None:
+    """``model_dir/labels.json``: [{"class": 1.., "id": dataset category id, "name": ...}]."""
+    labels = [{"class": i + 1, "id": int(c), "name": n}
+              for i, (c, n) in enumerate(zip(category_ids, class_names))]
+    with open(os.path.join(model_dir, "labels.json"), "w") as f:
+        json.dump(labels, f, indent=1)
+
+
+def read_label_map(model_dir: str):
+    """(category_ids, class_names) from ``model_dir/labels.json``."""
+    with open(os.path.join(model_dir, "labels.json")) as f:
+        labels = json.load(f)
+    return [entry["id"] for entry in labels], [entry["name"] for entry in labels]
+
+
 def _distributed_dataset(config: Config, strategy, training: bool):
     info = source_info(config, training)
     if strategy.num_replicas_in_sync == 1:
@@ -156,6 +171,7 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     if chief:
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump(to_dict(config), f, indent=1)
+        write_label_map(model_dir, info.category_ids, info.class_names)
 
     steps_per_epoch = math.gcd(t.steps, t.checkpoint_every)
     epochs = t.steps // steps_per_epoch
@@ -191,3 +207,31 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     summary["model"] = model
     summary["class_names"] = info.class_names
     return summary
+
+
+def draw_validation_predictions(model, config: Config, model_dir: str, class_names,
+                                num_images: int = 4) -> list[str]:
+    """Draws the model's detections on the first validation images into
+    ``model_dir/predictions/*.png``; returns the paths."""
+    import numpy as np
+
+    from mrcnn_tf.visualize import draw_detections, save_png
+
+    out_dir = os.path.join(model_dir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for images, targets in build_dataset(config, training=False):
+        sizes = targets["image_info"]["image_size"].numpy()
+        det = model({"images": images, "image_sizes": sizes}, training=False)
+        for b in range(images.shape[0]):
+            h, w = sizes[b]
+            image = images[b, :h, :w].numpy()
+            one = {k: np.asarray(v[b]) for k, v in det.items()}
+            drawn = draw_detections(image, one, class_names, score_threshold=0.5)
+            image_id = int(targets["image_info"]["image_id"][b])
+            path = os.path.join(out_dir, f"val_{image_id}.png")
+            save_png(path, drawn)
+            paths.append(path)
+            if len(paths) >= num_images:
+                return paths
+    return paths

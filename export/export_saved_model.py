@@ -1,0 +1,87 @@
+"""Export a trained model as a SavedModel for TF Serving (versioned layout EXPORT_BASE/N/).
+
+    python export/export_saved_model.py --model_dir runs/shapes --output exports/shapes
+    python export/export_saved_model.py --checkpoint runs/x/checkpoints/ckpt-500 \
+        --config configs/shapes.yaml --output exports/shapes --version 3 \
+        --input_type image_tensor,image_bytes,tf_example --max_detections 100 --mask_output full
+
+--model_dir takes the run's config.json, labels.json and latest checkpoint. With --checkpoint the
+labels come from the config's eval source (the COCO annotation file, or the synthetic classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def next_version(base: str) -> int:
+    versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+    return max(versions, default=0) + 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model_dir", help="a train.py run directory")
+    src.add_argument("--checkpoint", help="a checkpoint prefix (with --config)")
+    p.add_argument("--config", help="YAML config of the checkpoint")
+    p.add_argument("--output", required=True, help="export base; the model goes to OUTPUT/N")
+    p.add_argument("--version", type=int, default=None, help="default: the next free number")
+    p.add_argument("--input_type", default="image_tensor,image_bytes,tf_example")
+    p.add_argument("--max_detections", type=int, default=None)
+    p.add_argument("--mask_output", default="full", choices=("full", "box"))
+    p.add_argument("--set", nargs="*", default=[], help="config overrides")
+    args = p.parse_args(argv)
+
+    import tensorflow as tf
+
+    from mrcnn_tf.config import ConfigError, config_from_dict, load_config
+    from mrcnn_tf.model import build_model
+    from mrcnn_tf.serving import export_saved_model
+
+    overrides = list(args.set)
+    if args.max_detections is not None:
+        overrides.append(f"model.detection.max_detections={args.max_detections}")
+    try:
+        if args.model_dir:
+            with open(os.path.join(args.model_dir, "config.json")) as f:
+                config = config_from_dict(json.load(f), overrides)
+            checkpoint = tf.train.latest_checkpoint(os.path.join(args.model_dir, "checkpoints"))
+            if checkpoint is None:
+                raise FileNotFoundError(f"no checkpoint in {args.model_dir}/checkpoints")
+            from mrcnn_tf.training import read_label_map
+
+            ids, names = read_label_map(args.model_dir)
+        else:
+            if not args.config:
+                p.error("--checkpoint needs --config")
+            config = load_config(args.config, overrides)
+            checkpoint = args.checkpoint
+            from mrcnn_tf.data import source_info
+
+            info = source_info(config, training=False)
+            ids, names = info.category_ids, info.class_names
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    input_types = [t.strip() for t in args.input_type.split(",") if t.strip()]
+    model = build_model(config)
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    version = args.version if args.version is not None else next_version(args.output)
+    export_dir = os.path.join(args.output, str(version))
+    if os.path.exists(export_dir):
+        print(f"error: {export_dir} exists; choose another --version", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    export_saved_model(model, ids, names, export_dir, input_types, args.mask_output)
+    print(f"exported {checkpoint} to {export_dir} ({', '.join(input_types)}; "
+          f"serving_default = {input_types[0]}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Evaluate a model over the eval dataset, during fit (callback) or from a model_dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from mrcnn_tf.config import Config
+from mrcnn_tf.data import build_dataset, source_info
+from mrcnn_tf.evaluation.coco import CocoEvaluator
+
+logger = logging.getLogger("mrcnn_tf")
+
+
+def make_evaluator(config: Config, info=None) -> tuple[CocoEvaluator, object]:
+    """An evaluator for the eval source: COCO sources are scored against their annotation file,
+    others against ground truth gathered from the pipeline."""
+    info = info or source_info(config, training=False)
+    gt = config.data.eval.annotation_file if config.data.eval.source == "coco" else None
+    ev = CocoEvaluator(info.category_ids, info.class_names, gt,
+                       config.model.detection.mask_threshold)
+    return ev, info
+
+
+def evaluate(predict_fn, config: Config, info=None, max_images: int | None = None,
+             results_path: str | None = None) -> dict:
+    """Runs ``predict_fn`` over the eval dataset and scores it.
+
+    Args:
+      predict_fn: ``{"images": [B, S, S, 3], "image_sizes": [B, 2]} -> detections`` in the
+        frame of the given images (a MaskRCNN, or a wrapper around a SavedModel).
+      max_images: stop after this many images (default ``eval.num_images``, None = all).
+      results_path: also write the COCO results JSON there.
+    Returns: {"bbox": {...}, "segm": {...}, "per_class": {...}, "num_images": n, "seconds": t}.
+    """
+    ev, info = make_evaluator(config, info)
+    limit = max_images if max_images is not None else config.eval.num_images
+    t0 = time.time()
+    seen = 0
+    for images, targets in build_dataset(config, training=False, info=info):
+        sizes = targets["image_info"]["image_size"]
+        detections = predict_fn({"images": images, "image_sizes": sizes})
+        ev.add_predictions(detections, targets["image_info"])
+        if ev.gt is None:
+            ev.add_ground_truth(targets, mini_masks=config.data.mask_mode == "mini")
+        seen += int(images.shape[0])
+        if limit is not None and seen >= limit:
+            break
+    results = ev.evaluate()
+    if results_path:
+        ev.write_results(results_path)
+    results["num_images"] = seen
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def model_predict_fn(model):
+    """A compiled (tf.function) inference function of a MaskRCNN."""
+    fn = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    return lambda inputs: {k: v.numpy() for k, v in fn(inputs).items()}
+
+
+def append_metrics(model_dir: str, entry: dict) -> None:
+    """Appends one entry to ``model_dir/metrics.json`` (a JSON list), rewriting it atomically."""
+    path = os.path.join(model_dir, "metrics.json")
+    entries = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    entries.append(entry)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _entry(step: int, results: dict) -> dict:
+    return {"step": step, "bbox": results["bbox"], "segm": results["segm"],
+            "per_class": results["per_class"], "num_images": results["num_images"]}
+
+
+class CocoEvalCallback(keras.callbacks.Callback):
+    """Evaluates during ``fit`` every ``every_n_steps`` optimiser steps (and, with
+    ``at_epoch_end``, after every epoch): appends {"step", "bbox", "segm", ...} to
+    ``model_dir/metrics.json`` and writes eval/bbox_AP... scalars to TensorBoard. Only the chief
+    writes; under MirroredStrategy the model is called in cross-replica context."""
+
+    def __init__(self, config: Config, model_dir: str, every_n_steps: int | None = None,
+                 at_epoch_end: bool = False, write: bool = True):
+        super().__init__()
+        self.config, self.model_dir = config, model_dir
+        self.every = every_n_steps or config.eval.every_n_steps
+        self.at_epoch_end, self.write = at_epoch_end, write
+        self.info = source_info(config, training=False)
+        self._fn = None
+        self._last = -1
+        self._writer = tf.summary.create_file_writer(
+            os.path.join(model_dir, "tensorboard", "eval")) if write else None
+        self.history: list[dict] = []
+
+    def _run(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step == self._last:
+            return
+        self._last = step
+        if self._fn is None:
+            self._fn = model_predict_fn(self.model)
+        results = evaluate(self._fn, self.config, self.info)
+        entry = _entry(step, results)
+        self.history.append(entry)
+        print(f"\nstep {step}: bbox AP {results['bbox']['AP']:.4f}, segm AP "
+              f"{results['segm']['AP']:.4f} ({results['num_images']} images, "
+              f"{results['seconds']} s)", flush=True)
+        if self.write:
+            append_metrics(self.model_dir, entry)
+            with self._writer.as_default(step=step):
+                for kind in ("bbox", "segm"):
+                    for k, v in results[kind].items():
+                        tf.summary.scalar(f"{kind}/{k}", v)
+            self._writer.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            self._run()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.at_epoch_end:
+            self._run()
+
+
+def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
+    """Restores the latest checkpoint of ``model_dir``, evaluates it and appends the result to
+    ``model_dir/metrics.json``."""
+    from mrcnn_tf.model import build_model
+
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    latest = tf.train.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(config)
+        model.compile()
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(latest).expect_partial()
+    step = int(model.optimizer.iterations.numpy())
+    logger.info("evaluating %s (step %d)", latest, step)
+    results = evaluate(model_predict_fn(model), config)
+    append_metrics(model_dir, _entry(step, results))
+    return {"checkpoint": latest, "step": step, **results}

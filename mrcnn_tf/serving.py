@@ -135,9 +135,10 @@ class ServingModule(tf.Module):
                                  element_shape=tf.TensorShape([None, None, 3]))
         sizes = tf.TensorArray(tf.int32, size=n)
         for i in tf.range(n):
+            data = encoded[i]
             image = tf.cond(tf.strings.length(errors[i]) == 0,
-                            lambda: tf.io.decode_image(encoded[i], channels=3,
-                                                       expand_animations=False),
+                            lambda d=data: tf.io.decode_image(d, channels=3,
+                                                              expand_animations=False),
                             lambda: tf.zeros([1, 1, 3], tf.uint8))
             decoded = decoded.write(i, image)
             sizes = sizes.write(i, tf.shape(image)[:2])

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
+    from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.config import ConfigError, config_from_dict, load_config
     from mrcnn_tf.model import build_model
     from mrcnn_tf.serving import export_saved_model
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         return 2
     input_types = [t.strip() for t in args.input_type.split(",") if t.strip()]
     model = build_model(config)
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    restore(model, checkpoint)
     version = args.version if args.version is not None else next_version(args.output)
     export_dir = os.path.join(args.output, str(version))
     if os.path.exists(export_dir):

@@ -78,7 +78,11 @@ class ServingModule(tf.Module):
         super().__init__()
         if mask_output not in ("full", "box"):
             raise ValueError(f"mask_output must be 'full' or 'box', got {mask_output!r}")
-        self.model = model
+        # Only the underlying tf.Variables are saved, not the Keras objects around them: with
+        # both in the object graph, TF1-style loaders (TF Serving, saved_model_cli run) restore
+        # one copy of each weight while the functions read the other.
+        object.__setattr__(self, "model", model)
+        self.model_variables = [v.value for v in model.variables]
         self.mask_output = mask_output
         self.category_ids = tf.constant([0] + [int(c) for c in category_ids], tf.int32)
         tmp = tempfile.mkdtemp(prefix="mrcnn_labels_")

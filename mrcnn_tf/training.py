@@ -11,6 +11,7 @@ import time
 import keras
 import tensorflow as tf
 
+from mrcnn_tf.checkpoint import make_checkpoint
 from mrcnn_tf.config import Config, to_dict
 from mrcnn_tf.data import build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
@@ -160,7 +161,7 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
         model.optimizer.build(model.trainable_variables)
     dataset, info = _distributed_dataset(config, strategy, training=True)
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    checkpoint = make_checkpoint(model, model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     start = 0

@@ -109,6 +109,23 @@ def test_keras_save_and_weights_round_trip(shapes_model, tmp_path):
         np.testing.assert_array_equal(ref[k].numpy(), out[k].numpy())
 
 
+def test_variable_names_are_unique(shapes_model):
+    # TF1-style SavedModel loaders (TF Serving, saved_model_cli run) address variables by name.
+    names = [v.value.name for v in shapes_model.weights]
+    assert len(set(names)) == len(names)
+
+
+def test_tf_checkpoint_restores_every_weight(shapes_model, tmp_path):
+    from mrcnn_tf.checkpoint import make_checkpoint, restore
+
+    path = make_checkpoint(shapes_model).save(str(tmp_path / "ckpt"))
+    other = mrcnn_tf.build_model(shapes_model.cfg)
+    restore(other, path)
+    assert len(other.weights) == len(shapes_model.weights)
+    for a, b in zip(shapes_model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
 def test_handles_freeze_and_new_num_classes(shapes_model):
     model = mrcnn_tf.build_model(shapes_model.cfg)
     model.set_weights(shapes_model.get_weights())

@@ -136,6 +136,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
 def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
     """Restores the latest checkpoint of ``model_dir``, evaluates it and appends the result to
     ``model_dir/metrics.json``."""
+    from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.model import build_model
 
     ckpt_dir = os.path.join(model_dir, "checkpoints")
@@ -146,7 +147,7 @@ def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
     with strategy.scope():
         model = build_model(config)
         model.compile()
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(latest).expect_partial()
+    restore(model, latest, model.optimizer)
     step = int(model.optimizer.iterations.numpy())
     logger.info("evaluating %s (step %d)", latest, step)
     results = evaluate(model_predict_fn(model), config)

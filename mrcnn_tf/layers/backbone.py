@@ -57,6 +57,24 @@ class Bottleneck(keras.layers.Layer):
             self.shortcut = _conv(out, 1, stride, "shortcut")
             self.shortcut_norm = make_norm(norm, "shortcut_norm", group_norm_groups)
 
+    def build(self, input_shape):
+        # Sub-layers are built explicitly so that every variable gets a unique name (Keras 3
+        # names lazily built nested variables after the outermost layer only, which breaks
+        # TF1-style SavedModel loaders such as TF Serving's).
+        def shape(c):
+            return (None, None, None, c)
+
+        c_in, out = int(input_shape[-1]), self.filters * EXPANSION
+        self.conv1.build(shape(c_in))
+        self.norm1.build(shape(self.filters))
+        self.conv2.build(shape(self.filters))
+        self.norm2.build(shape(self.filters))
+        self.conv3.build(shape(self.filters))
+        self.norm3.build(shape(out))
+        if self.project:
+            self.shortcut.build(shape(c_in))
+            self.shortcut_norm.build(shape(out))
+
     def call(self, x, training=None):
         y = tf.nn.relu(self.norm1(self.conv1(x), training=training))
         y = tf.nn.relu(self.norm2(self.conv2(_pad(y, 1)), training=training))
@@ -95,20 +113,29 @@ class ResNet(keras.layers.Layer):
         blocks, stem, width = ARCHS[name_or_depth]
         self.stem_conv = _conv(stem, 7, 2, "stem_conv")
         self.stem_norm = make_norm(norm, "stem_norm", group_norm_groups)
-        self.stages = []
+        # One flat list: tf.train.Checkpoint does not follow lists nested in lists.
+        self.blocks = []
+        self._stage_sizes = tuple(blocks)
         in_ch = stem
         for i, n in enumerate(blocks):
             filters = width * 2 ** i
-            stage = []
             for b in range(n):
                 stride = 2 if (b == 0 and i > 0) else 1
                 project = b == 0 and (stride != 1 or in_ch != filters * EXPANSION)
-                stage.append(Bottleneck(filters, stride, stride_in_1x1, norm, group_norm_groups,
-                                        project, name=f"res{i + 2}_{b}"))
+                self.blocks.append(Bottleneck(filters, stride, stride_in_1x1, norm,
+                                              group_norm_groups, project, name=f"res{i + 2}_{b}"))
                 in_ch = filters * EXPANSION
-            self.stages.append(stage)
         self.out_channels = {f"c{i + 2}": width * 2 ** i * EXPANSION for i in range(4)}
         self._apply_freeze()
+
+    @property
+    def stages(self) -> list[list[Bottleneck]]:
+        """The blocks grouped by stage (res2..res5)."""
+        out, start = [], 0
+        for n in self._stage_sizes:
+            out.append(self.blocks[start: start + n])
+            start += n
+        return out
 
     def _apply_freeze(self):
         if self.freeze_at >= 1:
@@ -124,7 +151,12 @@ class ResNet(keras.layers.Layer):
         if input_shape[-1] is not None and int(input_shape[-1]) != self.input_channels:
             raise ValueError(f"ResNet: images have {input_shape[-1]} channels but the backbone "
                              f"was configured with input_channels={self.input_channels}")
-        self.built = True
+        self.stem_conv.build((None, None, None, self.input_channels))
+        self.stem_norm.build((None, None, None, self.stem_conv.filters))
+        channels = self.stem_conv.filters
+        for block in self.blocks:
+            block.build((None, None, None, channels))
+            channels = block.filters * EXPANSION
 
     def call(self, images, training=None):
         x = self.stem_conv(_pad(images, 3))

@@ -45,6 +45,15 @@ class FPN(keras.layers.Layer):
             self.lateral_norms.append(make_norm(norm, f"lateral_norm{lv}", group_norm_groups))
             self.output_norms.append(make_norm(norm, f"output_norm{lv}", group_norm_groups))
 
+    def build(self, input_shape):
+        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
+        for i, lv in enumerate(range(self.min_level, 6)):
+            self.lateral[i].build((None, None, None, int(input_shape[f"c{lv}"][-1])))
+            self.output_convs[i].build((None, None, None, self.channels))
+            for norm in (self.lateral_norms[i], self.output_norms[i]):
+                if norm is not None:
+                    norm.build((None, None, None, self.channels))
+
     @staticmethod
     def _norm(layer, x, training):
         return x if layer is None else layer(x, training=training)

@@ -63,6 +63,21 @@ class BoxHead(keras.layers.Layer):
             4 * self.num_box_classes,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001), name="box_deltas")
 
+    def build(self, input_shape):
+        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
+        s, c = int(input_shape[2]), int(input_shape[-1])
+        for conv, norm in zip(self.convs, self.conv_norms):
+            conv.build((None, s, s, c))
+            c = self.conv_dim
+            if norm is not None:
+                norm.build((None, s, s, c))
+        width = s * s * c
+        for fc in self.fcs:
+            fc.build((None, width))
+            width = self.fc_dim
+        self.class_logits.build((None, width))
+        self.box_deltas.build((None, width))
+
     def call(self, roi_features, training=None):
         x, (b, r) = _merge_rois(roi_features)
         for conv, norm in zip(self.convs, self.conv_norms):
@@ -122,6 +137,17 @@ class MaskHead(keras.layers.Layer):
         self.predictor = keras.layers.Conv2D(
             self.num_mask_classes, 1,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001), name="mask_logits")
+
+    def build(self, input_shape):
+        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
+        s, c = int(input_shape[2]), int(input_shape[-1])
+        for conv, norm in zip(self.convs, self.norms):
+            conv.build((None, s, s, c))
+            c = self.conv_dim
+            if norm is not None:
+                norm.build((None, s, s, c))
+        self.deconv.build((None, s, s, c))
+        self.predictor.build((None, 2 * s, 2 * s, self.conv_dim))
 
     def call(self, roi_features, training=None):
         x, (b, r) = _merge_rois(roi_features)

@@ -50,6 +50,14 @@ class RPNHead(keras.layers.Layer):
                                                       name=f"deltas{sfx}"))
         self.dropout = keras.layers.Dropout(dropout) if dropout > 0 else None
 
+    def build(self, input_shape):
+        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
+        for i, conv in enumerate(self.convs):
+            level = self.levels[i] if not self.share_heads else self.levels[0]
+            conv.build((None, None, None, int(input_shape[f"p{level}"][-1])))
+            self.cls_convs[i].build((None, None, None, self.conv_channels))
+            self.box_convs[i].build((None, None, None, self.conv_channels))
+
     def call(self, features, training=None):
         objectness, deltas = [], []
         for i, lv in enumerate(self.levels):

@@ -1,0 +1,34 @@
+"""TensorFlow checkpoints of a model (and optimiser) as flat maps of variables.
+
+tf.train.Checkpoint follows an object graph, and Keras 3 layers held in Python lists (FPN levels,
+backbone blocks) are not part of that graph: checkpointing the model object silently drops their
+weights. Keying every variable by its Keras path avoids that, and keeps the files independent of
+how layers are nested.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def _key(path: str) -> str:
+    return path.replace("/", ".")
+
+
+def make_checkpoint(model, optimizer=None) -> tf.train.Checkpoint:
+    """A tf.train.Checkpoint of every weight of ``model`` (and ``optimizer``'s variables)."""
+    weights = {_key(v.path.split("/", 1)[-1]): v for v in model.weights}
+    if len(weights) != len(model.weights):
+        raise ValueError("model weights have duplicate paths; cannot checkpoint them by path")
+    kwargs = {"weights": weights}
+    if optimizer is not None:
+        kwargs["optimizer"] = {_key(v.path): v for v in optimizer.variables}
+    return tf.train.Checkpoint(**kwargs)
+
+
+def restore(model, path: str, optimizer=None) -> None:
+    """Restores ``path`` into ``model`` (and ``optimizer``); every model weight must be in it."""
+    status = make_checkpoint(model, optimizer).restore(path)
+    if optimizer is None:
+        status.expect_partial()  # a training checkpoint also holds optimiser slots
+    status.assert_existing_objects_matched()

@@ -32,7 +32,7 @@ def test_box_head_flattens_row_major_and_param_count():
     manual = tf.nn.relu(x.reshape(1, -1) @ fc1.kernel.numpy() + fc1.bias.numpy())
     manual = tf.nn.relu(manual @ head.fcs[1].kernel.numpy() + head.fcs[1].bias.numpy())
     logits = manual @ head.class_logits.kernel.numpy() + head.class_logits.bias.numpy()
-    np.testing.assert_allclose(head(x)["class_logits"].numpy()[0], logits, rtol=1e-5)
+    np.testing.assert_allclose(head(x)["class_logits"].numpy()[0], logits, rtol=1e-5, atol=1e-6)
     assert head.count_params() == (147 * 4 + 4) + (4 * 4 + 4) + (4 * 3 + 3) + (4 * 12 + 12)
 
 

@@ -213,3 +213,23 @@ def test_label_map_asset_and_versioned_layout(exported):
         labels = json.load(f)
     assert [(e["id"], e["name"]) for e in labels] == list(zip(IDS, NAMES))
     assert sorted(os.listdir(root / "export")) == ["1"]
+
+
+def test_box_mask_output(exported, tmp_path):
+    from mrcnn_tf.serving import export_saved_model
+
+    model, _, _ = exported
+    path = export_saved_model(model, IDS, NAMES, str(tmp_path / "box" / "1"), ("image_tensor",),
+                              mask_output="box")
+    loaded = tf.saved_model.load(path)
+    assert sorted(loaded.signatures) == ["image_tensor", "serving_default"]
+    img = np.random.default_rng(3).integers(0, 255, (1, 50, 70, 3)).astype(np.uint8)
+    out = loaded.signatures["serving_default"](images=tf.constant(img))
+    det = model(img)
+    n = int(out["num_detections"][0])
+    assert out["detection_masks"].shape == (1, 20, 28, 28)
+    assert out["detection_masks"].dtype == tf.float32
+    np.testing.assert_allclose(out["detection_masks"][0, :n], det["detection_masks"][0, :n],
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="input types must be among"):
+        export_saved_model(model, IDS, NAMES, str(tmp_path / "bad"), ("jpeg",))

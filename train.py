@@ -39,6 +39,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def export_run(model, config, model_dir: str) -> str:
+    """Exports the trained model for TF Serving into MODEL_DIR/export/N (the next version)."""
+    from mrcnn_tf.serving import export_saved_model, next_version
+    from mrcnn_tf.training import read_label_map
+
+    base = os.path.join(model_dir, "export")
+    path = os.path.join(base, str(next_version(base)))
+    ids, names = read_label_map(model_dir)
+    export_saved_model(model, ids, names, path, tuple(config.export.input_types),
+                       config.export.mask_output)
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -91,6 +104,7 @@ def main(argv=None) -> int:
         if is_chief():
             summary["predictions"] = draw_validation_predictions(model, config, model_dir,
                                                                  class_names)
+            summary["saved_model"] = export_run(model, config, model_dir)
     print("run summary: " + json.dumps(summary, indent=1), flush=True)
     return 0
 

@@ -18,11 +18,6 @@ import sys
 import time
 
 
-def next_version(base: str) -> int:
-    versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
-    return max(versions, default=0) + 1
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -42,7 +37,7 @@ def main(argv=None) -> int:
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.config import ConfigError, config_from_dict, load_config
     from mrcnn_tf.model import build_model
-    from mrcnn_tf.serving import export_saved_model
+    from mrcnn_tf.serving import export_saved_model, next_version
 
     overrides = list(args.set)
     if args.max_detections is not None:

@@ -179,6 +179,12 @@ class ServingModule(tf.Module):
         return self._run(dense, sizes, errors)
 
 
+def next_version(base: str) -> int:
+    """The next free version number under a TF Serving export base (1 for a new base)."""
+    versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+    return max(versions, default=0) + 1
+
+
 def export_saved_model(model, category_ids, class_names, export_dir: str,
                        input_types=INPUT_TYPES, mask_output: str = "full") -> str:
     """Writes a SavedModel with one signature per input type plus ``serving_default`` (the first

@@ -251,3 +251,15 @@ def test_multi_worker_two_processes_identical_weights(tmp_path):
     assert out["exit_codes"] == [0, 0], logs
     assert out["final_step"] == 4
     assert out["max_abs_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_memorises_coco_tiny16(shared_data, tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" /
+                                              "memorize_coco_tiny.py"), str(shared_data),
+                          str(tmp_path / "run"), "400"], capture_output=True, text=True,
+                         timeout=1800, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print("coco_tiny16 memorisation:", out)
+    assert out["bbox"]["AP50"] >= 0.5

@@ -70,7 +70,8 @@ class CocoEvaluator:
         Args:
           detections: model outputs for images given in the pipeline's frame (content at the
             model's scale): detection_boxes [B, D, 4], scores, classes (1..N), masks
-            [B, D, 28, 28], num_detections [B].
+            [B, D, 28, 28] inside each box (or [B, D, H, W] binary masks of the given frame, as
+            an exported model returns them), num_detections [B].
           image_info: image_id [B], original_size [B, 2], scale [B, 2] (resized / original).
         """
         det = {k: np.asarray(v) for k, v in detections.items()}
@@ -85,8 +86,14 @@ class CocoEvaluator:
                 continue
             boxes = det["detection_boxes"][b, :n] / np.array([sy, sx, sy, sx], np.float32)
             boxes = np.clip(boxes, 0, [h, w, h, w])
-            masks = paste_masks(det["detection_masks"][b, :n][None], boxes[None], h, w,
-                                self.mask_threshold).numpy()[0]
+            masks = det["detection_masks"][b, :n]
+            if masks.shape[1] == masks.shape[2] == 28:
+                masks = paste_masks(masks[None], boxes[None], h, w,
+                                    self.mask_threshold).numpy()[0]
+            else:  # full-frame masks of the given image: back to the original size
+                ch, cw = int(round(h * sy)), int(round(w * sx))
+                frame = masks[:, :ch, :cw].astype(np.float32)[..., None]
+                masks = (tf.image.resize(frame, (h, w)).numpy()[..., 0] >= 0.5).astype(np.uint8)
             self.add_original_frame(image_id, boxes, det["detection_scores"][b, :n],
                                     det["detection_classes"][b, :n], masks)
 

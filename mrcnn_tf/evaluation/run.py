@@ -8,6 +8,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mrcnn_tf.config import Config
@@ -63,6 +64,35 @@ def model_predict_fn(model):
     """A compiled (tf.function) inference function of a MaskRCNN."""
     fn = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
     return lambda inputs: {k: v.numpy() for k, v in fn(inputs).items()}
+
+
+def saved_model_predict_fn(export_dir: str, category_ids):
+    """An inference function over an exported SavedModel's ``image_tensor`` signature, returning
+    classes 1..N (mapped back from the dataset ids) and its full-frame masks."""
+    sig = tf.saved_model.load(export_dir).signatures["image_tensor"]
+    to_class = {int(c): i + 1 for i, c in enumerate(category_ids)}
+
+    def fn(inputs):
+        images = tf.cast(tf.clip_by_value(tf.round(inputs["images"]), 0, 255), tf.uint8).numpy()
+        outs = []
+        for b, (h, w) in enumerate(inputs["image_sizes"].numpy()):
+            out = sig(images=tf.constant(images[b: b + 1, :h, :w]))
+            outs.append({k: v.numpy() for k, v in out.items()})
+        d = max(o["detection_masks"].shape[1] for o in outs)
+        hh = max(o["detection_masks"].shape[2] for o in outs)
+        ww = max(o["detection_masks"].shape[3] for o in outs)
+        merged = {k: np.concatenate([o[k] for o in outs]) for k in
+                  ("detection_boxes", "detection_scores", "detection_classes", "num_detections")}
+        merged["detection_classes"] = np.vectorize(lambda c: to_class.get(int(c), 0))(
+            merged["detection_classes"])
+        masks = np.zeros((len(outs), d, hh, ww), np.uint8)
+        for b, o in enumerate(outs):
+            m = o["detection_masks"][0]
+            masks[b, : m.shape[0], : m.shape[1], : m.shape[2]] = m
+        merged["detection_masks"] = masks
+        return merged
+
+    return fn
 
 
 def append_metrics(model_dir: str, entry: dict) -> None:

@@ -263,3 +263,33 @@ def test_memorises_coco_tiny16(shared_data, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print("coco_tiny16 memorisation:", out)
     assert out["bbox"]["AP50"] >= 0.5
+
+
+def test_train_and_eval_under_mirrored_then_eval_mode(tmp_path):
+    # The main job's flow at toy size, under MirroredStrategy over 2 logical CPUs: evaluation
+    # during fit (metrics.json, TensorBoard), prediction PNGs, the exported SavedModel; then
+    # `--mode eval` on the latest checkpoint appends one more entry.
+    model_dir = str(tmp_path / "run")
+    common = ["--model_dir", model_dir, "--verbose", "0", "--set", "train.steps=4",
+              "train.checkpoint_every=2", "train.batch_size=2", "eval.every_n_steps=2",
+              "data.eval.num_images=4", "eval.batch_size=2", "data.train.num_images=8",
+              "model.backbone.norm=sync_bn"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "--strategy", "mirrored",
+                          "--cpu_replicas", "2", *common], capture_output=True, text=True,
+                         timeout=600, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        entries = json.load(f)
+    assert [e["step"] for e in entries] == [2, 4]
+    assert set(entries[0]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(entries[0]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert os.listdir(os.path.join(model_dir, "tensorboard", "eval"))
+    assert len(os.listdir(os.path.join(model_dir, "predictions"))) == 4
+    assert os.path.exists(os.path.join(model_dir, "export", "1", "saved_model.pb"))
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "--mode", "eval", *common],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluation:" in res.stdout and '"step": 4' in res.stdout
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        assert [e["step"] for e in json.load(f)] == [2, 4, 4]

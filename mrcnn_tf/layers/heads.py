@@ -12,6 +12,17 @@ _FC_INIT = dict(scale=1.0, mode="fan_in", distribution="uniform")
 _CONV_INIT = dict(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
+def _build_conv_stack(convs, norms, size: int, channels: int) -> int:
+    """Builds conv3x3 (+ norm) layers explicitly on [N, size, size, channels] inputs (unique
+    variable names, see Bottleneck.build); returns the output channels."""
+    for conv, norm in zip(convs, norms):
+        conv.build((None, size, size, channels))
+        channels = conv.filters
+        if norm is not None:
+            norm.build((None, size, size, channels))
+    return channels
+
+
 def _merge_rois(x):
     """[B, R, S, S, C] -> ([B * R, S, S, C], (B, R))."""
     shape = tf.shape(x)
@@ -64,13 +75,8 @@ class BoxHead(keras.layers.Layer):
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001), name="box_deltas")
 
     def build(self, input_shape):
-        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
-        s, c = int(input_shape[2]), int(input_shape[-1])
-        for conv, norm in zip(self.convs, self.conv_norms):
-            conv.build((None, s, s, c))
-            c = self.conv_dim
-            if norm is not None:
-                norm.build((None, s, s, c))
+        s = int(input_shape[2])
+        c = _build_conv_stack(self.convs, self.conv_norms, s, int(input_shape[-1]))
         width = s * s * c
         for fc in self.fcs:
             fc.build((None, width))
@@ -139,13 +145,8 @@ class MaskHead(keras.layers.Layer):
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001), name="mask_logits")
 
     def build(self, input_shape):
-        # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
-        s, c = int(input_shape[2]), int(input_shape[-1])
-        for conv, norm in zip(self.convs, self.norms):
-            conv.build((None, s, s, c))
-            c = self.conv_dim
-            if norm is not None:
-                norm.build((None, s, s, c))
+        s = int(input_shape[2])
+        c = _build_conv_stack(self.convs, self.norms, s, int(input_shape[-1]))
         self.deconv.build((None, s, s, c))
         self.predictor.build((None, 2 * s, 2 * s, self.conv_dim))
 

@@ -12,7 +12,6 @@ labels come from the config's eval source (the COCO annotation file, or the synt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,10 +31,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
 
-    import tensorflow as tf
 
     from mrcnn_tf.checkpoint import restore
-    from mrcnn_tf.config import ConfigError, config_from_dict, load_config
+    from mrcnn_tf.config import ConfigError, load_config
     from mrcnn_tf.model import build_model
     from mrcnn_tf.serving import export_saved_model, next_version
 
@@ -44,14 +42,9 @@ def main(argv=None) -> int:
         overrides.append(f"model.detection.max_detections={args.max_detections}")
     try:
         if args.model_dir:
-            with open(os.path.join(args.model_dir, "config.json")) as f:
-                config = config_from_dict(json.load(f), overrides)
-            checkpoint = tf.train.latest_checkpoint(os.path.join(args.model_dir, "checkpoints"))
-            if checkpoint is None:
-                raise FileNotFoundError(f"no checkpoint in {args.model_dir}/checkpoints")
-            from mrcnn_tf.training import read_label_map
+            from mrcnn_tf.training import read_run
 
-            ids, names = read_label_map(args.model_dir)
+            config, checkpoint, ids, names = read_run(args.model_dir, overrides)
         else:
             if not args.config:
                 p.error("--checkpoint needs --config")

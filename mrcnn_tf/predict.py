@@ -28,19 +28,13 @@ def load_model_dir(model_dir: str):
     """(predict_fn, category_ids, class_names, score_threshold) of a training run's latest
     checkpoint. predict_fn: uint8 [1, H, W, 3] -> detections in that image's pixels."""
     from mrcnn_tf.checkpoint import restore
-    from mrcnn_tf.config import config_from_dict
     from mrcnn_tf.model import build_model
-    from mrcnn_tf.training import read_label_map
+    from mrcnn_tf.training import read_run
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = config_from_dict(json.load(f))
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
+    config, latest, ids, names = read_run(model_dir)
     model = build_model(config)
     restore(model, latest)
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    ids, names = read_label_map(model_dir)
     return ((lambda x: {k: v.numpy() for k, v in fn(x).items()}), ids, names,
             config.model.detection.score_threshold)
 

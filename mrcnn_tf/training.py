@@ -122,6 +122,21 @@ def read_label_map(model_dir: str):
     return [entry["id"] for entry in labels], [entry["name"] for entry in labels]
 
 
+def read_run(model_dir: str, overrides=()):
+    """(config, latest checkpoint, category_ids, class_names) of a train.py run directory.
+
+    Raises FileNotFoundError when the run has no checkpoint yet."""
+    from mrcnn_tf.config import config_from_dict
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = config_from_dict(json.load(f), list(overrides))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
+    ids, names = read_label_map(model_dir)
+    return config, latest, ids, names
+
+
 def _distributed_dataset(config: Config, strategy, training: bool):
     info = source_info(config, training)
     if strategy.num_replicas_in_sync == 1:

@@ -78,13 +78,9 @@ class Preprocessor(keras.layers.Layer):
             canvas = tf.constant([-(-self.square_size // d) * d] * 2)
         else:
             canvas = (tf.reduce_max(new_sizes, axis=0) + d - 1) // d * d
-        mean = tf.constant(self.pixel_mean, tf.float32) * 255.0
-        std = tf.constant(self.pixel_std, tf.float32) * 255.0
-
         def one(args):
             image, size, new = args
-            image = tf.cast(image[: size[0], : size[1]], tf.float32)
-            image = (image - mean) / std
+            image = self._normalize(image[: size[0], : size[1]])
             image = tf.image.resize(image, new, method="bilinear")
             return tf.pad(image, [[0, canvas[0] - new[0]], [0, canvas[1] - new[1]], [0, 0]])
 
@@ -97,12 +93,16 @@ class Preprocessor(keras.layers.Layer):
         scales = tf.cast(image_sizes, tf.float32) / tf.cast(new_sizes, tf.float32)
         return {"images": out, "image_sizes": new_sizes, "scales": scales}
 
-    def _normalize_and_pad(self, images, image_sizes):
+    def _normalize(self, images):
+        """(x - mean) / std with the 0..1 ImageNet statistics scaled to 0..255 pixels."""
         mean = tf.constant(self.pixel_mean, tf.float32) * 255.0
         std = tf.constant(self.pixel_std, tf.float32) * 255.0
+        return (tf.cast(images, tf.float32) - mean) / std
+
+    def _normalize_and_pad(self, images, image_sizes):
         shape = tf.shape(images)
         d = self.size_divisibility
-        x = (tf.cast(images, tf.float32) - mean) / std
+        x = self._normalize(images)
         # Zero outside each image's content, as after resize-and-pad.
         rows = tf.range(shape[1])[None, :, None] < image_sizes[:, 0, None, None]
         cols = tf.range(shape[2])[None, None, :] < image_sizes[:, 1, None, None]

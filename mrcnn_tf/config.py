@@ -217,6 +217,9 @@ class DetectionConfig:
                               min=0.0)
     mask_threshold: float = opt(0.5, "pasted mask probability threshold (references)", min=0.0,
                                 max=1.0)
+    mask_paste: str = opt("detectron2", "how 28x28 masks are pasted into the image: bilinear at"
+                          " each pixel centre (detectron2) or torchvision's resize into the"
+                          " integer box", choices=("detectron2", "torchvision"))
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ def _image_id(path: str, index: int) -> int:
 
 
 def load_model_dir(model_dir: str):
-    """(predict_fn, category_ids, class_names, score_threshold) of a training run's latest
-    checkpoint. predict_fn: uint8 [1, H, W, 3] -> detections in that image's pixels."""
+    """(predict_fn, category_ids, class_names, mask_paste) of a training run's latest
+    checkpoint. predict_fn: uint8 [1, H, W, 3] -> detections in that image's pixels, masks
+    [1, D, 28, 28] to paste with ``mask_paste``."""
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.model import build_model
     from mrcnn_tf.training import read_run
@@ -36,12 +37,13 @@ def load_model_dir(model_dir: str):
     restore(model, latest)
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     return ((lambda x: {k: v.numpy() for k, v in fn(x).items()}), ids, names,
-            config.model.detection.score_threshold)
+            config.model.detection.mask_paste)
 
 
 def load_saved_model(path: str):
-    """(predict_fn, category_ids, class_names, 0.0) of an exported SavedModel (its
-    ``image_tensor`` signature returns dataset category ids and full-size masks)."""
+    """(predict_fn, category_ids, class_names, None) of an exported SavedModel (its
+    ``image_tensor`` signature returns dataset category ids and full-size masks, pasted as the
+    exported model's config says)."""
     loaded = tf.saved_model.load(path)
     sig = loaded.signatures["image_tensor"]
     with open(os.path.join(path, "assets", "labels.json")) as f:
@@ -55,7 +57,7 @@ def load_saved_model(path: str):
             out["detection_classes"])
         return out
 
-    return fn, ids, [e["name"] for e in labels], 0.0
+    return fn, ids, [e["name"] for e in labels], None
 
 
 def main(argv=None) -> int:
@@ -73,9 +75,9 @@ def main(argv=None) -> int:
     from mrcnn_tf.visualize import draw_detections, save_png
 
     if args.model_dir:
-        predict, ids, names, _ = load_model_dir(args.model_dir)
+        predict, ids, names, mask_paste = load_model_dir(args.model_dir)
     else:
-        predict, ids, names, _ = load_saved_model(args.saved_model)
+        predict, ids, names, mask_paste = load_saved_model(args.saved_model)
     os.makedirs(args.output_dir, exist_ok=True)
     ev = CocoEvaluator(ids, names)
     for index, path in enumerate(args.images):
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         n = int(det["num_detections"])
         masks = det["detection_masks"][:n]
         if masks.shape[1:] != (h, w):
-            masks = paste_masks(masks[None], det["detection_boxes"][None, :n], h, w).numpy()[0]
+            masks = paste_masks(masks[None], det["detection_boxes"][None, :n], h, w,
+                                method=mask_paste or "detectron2").numpy()[0]
         ev.add_original_frame(_image_id(path, index), det["detection_boxes"][:n],
                               det["detection_scores"][:n], det["detection_classes"][:n], masks)
         drawn = draw_detections(image, {**det, "detection_masks": masks}, names,

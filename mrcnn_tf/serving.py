@@ -117,10 +117,14 @@ class ServingModule(tf.Module):
         height = tf.reduce_max(sizes[:, 0])
         width = tf.reduce_max(sizes[:, 1])
 
+        det_cfg = self.model.cfg.model.detection
+        threshold, method = det_cfg.mask_threshold, det_cfg.mask_paste
+
         def paste_one(args):  # one image at a time, one detection at a time: bounded memory
             m, b, size = args
             full = tf.map_fn(lambda mb: paste_masks(mb[0][None, None], mb[1][None, None],
-                                                    size[0], size[1])[0, 0],
+                                                    size[0], size[1], threshold,
+                                                    method)[0, 0],
                              (m, b), fn_output_signature=tf.TensorSpec([None, None], tf.uint8),
                              parallel_iterations=1)
             return tf.pad(full, [[0, 0], [0, height - size[0]], [0, width - size[1]]])

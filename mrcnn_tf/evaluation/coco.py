@@ -51,10 +51,13 @@ class CocoEvaluator:
       ground_truth: a COCO annotation file, dict or COCO object; or None to build the ground
         truth from the batches' targets (synthetic shapes, TFRecords without a JSON).
       mask_threshold: pasted-mask binarisation threshold.
+      mask_paste: "detectron2" or "torchvision" (see ``mrcnn_tf.ops.paste_masks``).
     """
 
-    def __init__(self, category_ids, class_names, ground_truth=None, mask_threshold=0.5):
+    def __init__(self, category_ids, class_names, ground_truth=None, mask_threshold=0.5,
+                 mask_paste="detectron2"):
         self.category_ids = list(category_ids)
+        self.mask_paste = mask_paste
         self.class_names = list(class_names)
         self.mask_threshold = mask_threshold
         self.gt = load_coco(ground_truth) if ground_truth is not None else None
@@ -88,8 +91,8 @@ class CocoEvaluator:
             boxes = np.clip(boxes, 0, [h, w, h, w])
             masks = det["detection_masks"][b, :n]
             if masks.shape[1] == masks.shape[2] == 28:
-                masks = paste_masks(masks[None], boxes[None], h, w,
-                                    self.mask_threshold).numpy()[0]
+                masks = paste_masks(masks[None], boxes[None], h, w, self.mask_threshold,
+                                    self.mask_paste).numpy()[0]
             else:  # full-frame masks of the given image: back to the original size
                 ch, cw = int(round(h * sy)), int(round(w * sx))
                 frame = masks[:, :ch, :cw].astype(np.float32)[..., None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ def make_evaluator(config: Config, info=None) -> tuple[CocoEvaluator, object]:
     info = info or source_info(config, training=False)
     gt = config.data.eval.annotation_file if config.data.eval.source == "coco" else None
     ev = CocoEvaluator(info.category_ids, info.class_names, gt,
-                       config.model.detection.mask_threshold)
+                       config.model.detection.mask_threshold, config.model.detection.mask_paste)
     return ev, info
 
 
@@ -180,6 +181,14 @@ def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
     restore(model, latest, model.optimizer)
     step = int(model.optimizer.iterations.numpy())
     logger.info("evaluating %s (step %d)", latest, step)
-    results = evaluate(model_predict_fn(model), config)
+    info = source_info(config, training=False)
+    if os.path.exists(os.path.join(model_dir, "labels.json")):
+        # The model's classes mean what its label map says (e.g. a converted torchvision model
+        # predicts COCO's 91-label space, not the annotation file's 80 contiguous classes).
+        from mrcnn_tf.training import read_label_map
+
+        ids, names = read_label_map(model_dir)
+        info = dataclasses.replace(info, category_ids=ids, class_names=names)
+    results = evaluate(model_predict_fn(model), config, info)
     append_metrics(model_dir, _entry(step, results))
     return {"checkpoint": latest, "step": step, **results}

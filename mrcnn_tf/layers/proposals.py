@@ -10,18 +10,25 @@ from mrcnn_tf.ops.boxes import box_sizes, clip_boxes
 from mrcnn_tf.ops.nms import proposal_nms
 
 
+def objectness_logits(logits: tf.Tensor) -> tf.Tensor:
+    """Foreground logit from [B, N] sigmoid logits or [B, N, 2] softmax logits -> [B, N]
+    (for two-way softmax, fg - bg: its sigmoid is the softmax foreground probability)."""
+    logits = tf.cast(logits, tf.float32)
+    if logits.shape.rank == 3:
+        return logits[..., 1] - logits[..., 0]
+    return logits
+
+
 def objectness_scores(logits: tf.Tensor) -> tf.Tensor:
     """Foreground probability from [B, N] sigmoid logits or [B, N, 2] softmax logits -> [B, N]."""
-    if logits.shape.rank == 3:
-        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
-    return tf.sigmoid(tf.cast(logits, tf.float32))
+    return tf.sigmoid(objectness_logits(logits))
 
 
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class ProposalGenerator(keras.layers.Layer):
     """Turns RPN outputs into a fixed number of proposals per image (torchvision's order).
 
-    Per level: top ``pre_nms_topk`` anchors by objectness, decode their deltas, clip to the image,
+    Per level: top ``pre_nms_topk`` anchors by objectness logit, decode their deltas, clip to the image,
     drop boxes smaller than ``min_box_size`` and probabilities below ``score_threshold``; then NMS
     per level (or across levels) and the top ``post_nms_topk`` by probability.
 
@@ -52,17 +59,19 @@ class ProposalGenerator(keras.layers.Layer):
         image_sizes = tf.cast(image_sizes, tf.float32)
         boxes_l, scores_l, valid_l = [], [], []
         for logits, dl, anc in zip(objectness, deltas, anchors):
-            scores = tf.stop_gradient(objectness_scores(logits))
-            k = tf.minimum(pre, tf.shape(scores)[1])
-            top = tf.math.top_k(scores, k=k, sorted=True)
+            # Rank by logit as torchvision does: probabilities saturate to 1.0 and tie.
+            fg_logits = tf.stop_gradient(objectness_logits(logits))
+            k = tf.minimum(pre, tf.shape(fg_logits)[1])
+            top = tf.math.top_k(fg_logits, k=k, sorted=True)
+            probs = tf.sigmoid(top.values)
             d = tf.gather(tf.stop_gradient(tf.cast(dl, tf.float32)), top.indices, batch_dims=1)
             a = tf.gather(tf.cast(anc, tf.float32), top.indices)
             boxes = clip_boxes(self.coder.decode(d, a), image_sizes[:, 0], image_sizes[:, 1])
             h, w = box_sizes(boxes)
             valid = ((h >= self.min_box_size) & (w >= self.min_box_size)
-                     & (top.values >= self.score_threshold))
+                     & (probs >= self.score_threshold))
             boxes_l.append(boxes)
-            scores_l.append(top.values)
+            scores_l.append(probs)
             valid_l.append(valid)
         out = proposal_nms(boxes_l, scores_l, valid_l, post, self.nms_threshold,
                            per_level=self.nms_per_level)

@@ -35,13 +35,18 @@ def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, outp
 
 
 def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
-                threshold: float | None = 0.5) -> tf.Tensor:
+                threshold: float | None = 0.5, method: str = "detectron2") -> tf.Tensor:
     """Pastes per-box mask probabilities into an image frame.
 
-    Each image pixel centre is mapped into its box's mask and bilinearly interpolated with zeros
-    outside the mask (detectron2's ``paste_masks_in_image``: grid_sample, align_corners=False),
-    then thresholded with ``>= threshold``. Implemented as one crop_and_resize per box over the
-    mask padded with a zero border.
+    ``detectron2``: each image pixel centre is mapped into its box's mask and bilinearly
+    interpolated with zeros outside the mask (detectron2's ``paste_masks_in_image``: grid_sample,
+    align_corners=False). Implemented as one crop_and_resize per box over the mask padded with a
+    zero border.
+    ``torchvision``: torchvision's ``paste_masks_in_image``: the mask gets a zero border, its box
+    is scaled by (m + 2) / m about the centre and truncated to integers, the padded mask is resized
+    (bilinear, align_corners=False) to the integer box's (y2 - y1 + 1) x (x2 - x1 + 1) pixels and
+    written there. See ``_paste_torchvision``.
+    Either is then thresholded with ``>= threshold``.
 
     Args:
       masks: [B, D, m, m] probabilities (or [D, m, m]).
@@ -51,10 +56,18 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
     Returns:
       [B, D, height, width] uint8 0/1 (float32 probabilities if ``threshold`` is None).
     """
+    if method not in ("detectron2", "torchvision"):
+        raise ValueError(f"paste_masks: method must be 'detectron2' or 'torchvision', got "
+                         f"{method!r}")
     masks = tf.convert_to_tensor(masks)
     unbatched = masks.shape.rank == 3
     if unbatched:
         masks, boxes = masks[None], tf.convert_to_tensor(boxes)[None]
+    if method == "torchvision":
+        pasted = _paste_torchvision(masks, boxes, height, width)
+        if threshold is not None:
+            pasted = tf.cast(pasted >= threshold, tf.uint8)
+        return pasted[0] if unbatched else pasted
     shape = tf.shape(masks)
     batch, num, m_h, m_w = shape[0], shape[1], shape[2], shape[3]
     flat = tf.reshape(tf.cast(masks, tf.float32), tf.stack([-1, m_h, m_w, 1]))
@@ -83,3 +96,48 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
     if threshold is not None:
         pasted = tf.cast(pasted >= threshold, tf.uint8)
     return pasted[0] if unbatched else pasted
+
+
+def _interp_matrix(start, end, size, m_pad):
+    """[N, size, m_pad] weights that resize a padded mask axis of m_pad cells onto the image
+    pixels start..end (integers, inclusive), as torch's bilinear ``F.interpolate`` with
+    align_corners=False does; rows outside start..end and outside the image are zero."""
+    length = tf.maximum(end - start + 1.0, 1.0)  # [N]
+    pixel = tf.range(tf.cast(size, tf.float32))[None, :]  # [1, size]
+    j = pixel - start[:, None]  # index in the resized mask
+    scale = tf.cast(m_pad, tf.float32) / length[:, None]
+    src = tf.maximum((j + 0.5) * scale - 0.5, 0.0)
+    i0 = tf.floor(src)
+    lam = src - i0
+    i0 = tf.cast(i0, tf.int32)
+    i1 = tf.minimum(i0 + 1, m_pad - 1)
+    inside = (j >= 0.0) & (j < length[:, None])
+    w0 = tf.one_hot(i0, m_pad) * (1.0 - lam)[..., None]
+    w1 = tf.one_hot(i1, m_pad) * lam[..., None]
+    return tf.where(inside[..., None], w0 + w1, 0.0)
+
+
+def _paste_torchvision(masks, boxes, height, width):
+    """torchvision's paste (probabilities) of [B, D, m, m] masks -> [B, D, height, width].
+
+    The resize is separable: pasted = Wy @ padded_mask @ Wx^T per box, with the 1-D bilinear
+    weights of ``_interp_matrix``.
+    """
+    shape = tf.shape(masks)
+    batch, num, m = shape[0], shape[1], shape[2]
+    flat = tf.reshape(tf.cast(masks, tf.float32), tf.stack([-1, m, m]))
+    flat = tf.pad(flat, [[0, 0], [1, 1], [1, 1]])
+    scale = tf.cast(m + 2, tf.float32) / tf.cast(m, tf.float32)
+    y0, x0, y1, x1 = tf.unstack(tf.reshape(tf.cast(boxes, tf.float32), [-1, 4]), 4, axis=-1)
+    half_h, half_w = (y1 - y0) * 0.5 * scale, (x1 - x0) * 0.5 * scale
+    cy, cx = (y1 + y0) * 0.5, (x1 + x0) * 0.5
+    # torch's .to(int64) truncates toward zero.
+    def trunc(v):
+        return tf.sign(v) * tf.floor(tf.abs(v))
+
+    ey0, ey1, ex0, ex1 = trunc(cy - half_h), trunc(cy + half_h), trunc(cx - half_w), trunc(
+        cx + half_w)
+    wy = _interp_matrix(ey0, ey1, height, m + 2)  # [N, H, m + 2]
+    wx = _interp_matrix(ex0, ex1, width, m + 2)  # [N, W, m + 2]
+    pasted = tf.matmul(tf.matmul(wy, flat), wx, transpose_b=True)
+    return tf.reshape(pasted, tf.stack([batch, num, height, width]))

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.anchors import multilevel_anchors
 from mrcnn_tf.ops.box_coder import BoxCoder
+from mrcnn_tf.ops.masks import paste_masks
 from mrcnn_tf.ops.nms import non_max_suppression
 from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align_flat
 from tests.conftest import REPO
@@ -63,6 +64,20 @@ def test_box_coder_equals_torchvision(tv):
                                tv["coder_deltas"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(coder.decode(tv["coder_wild_deltas"], tv["coder_ref"]).numpy(),
                                tv["coder_decoded"], rtol=1e-5, atol=1e-3)
+
+
+def test_torchvision_paste_equals_torchvision(tv):
+    h, w = (int(v) for v in tv["paste_size"])
+    ref = tv["paste_out"]
+    out = paste_masks(tv["paste_masks"], tv["paste_boxes"], h, w, threshold=None,
+                      method="torchvision").numpy()
+    diff = np.abs(out - ref).max()
+    print(f"paste_masks(torchvision): max |ours - torchvision| = {diff:.2e}")
+    assert diff <= 1e-5
+    np.testing.assert_array_equal(out >= 0.5, ref >= 0.5)
+    # The detectron2 paste is a different algorithm: close, but not equal.
+    other = paste_masks(tv["paste_masks"], tv["paste_boxes"], h, w, threshold=None).numpy()
+    assert np.abs(other - ref).max() > 1e-2
 
 
 def test_fixture_is_torchvision_output(tv):

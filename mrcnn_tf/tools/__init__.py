@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m mrcnn_tf.tools.convert_torchvision``."""

@@ -1,0 +1,284 @@
+"""torchvision Mask R-CNN weights -> MaskRCNN: every layout change in one place.
+
+``load_torchvision(model, state_dict_or_path)`` copies a ``maskrcnn_resnet50_fpn`` (v1) state dict
+into a model built from ``configs/torchvision_r50_fpn.yaml`` (or any config with the same
+architecture, e.g. a different depth or width). The layouts differ as follows, and nowhere else:
+
+- conv kernels: torch [out, in, kh, kw] -> Keras [kh, kw, in, out];
+- transposed conv (mask head): torch [in, out, kh, kw] -> Keras Conv2DTranspose [kh, kw, out, in]
+  (both frameworks compute the gradient of a correlation, so no spatial flip);
+- linear: torch [out, in] -> Keras [in, out];
+- fc6's input: torch flattens the pooled [C, 7, 7] channel-major, we flatten [7, 7, C], so its
+  rows are permuted from (c, y, x) to (y, x, c);
+- box deltas, both the RPN's (per anchor) and the box predictor's (per class): torch orders each
+  group of four (dx, dy, dw, dh), we order (dy, dx, dh, dw);
+- FrozenBatchNorm2d / BatchNorm2d weight, bias, running_mean, running_var -> gamma, beta,
+  moving_mean, moving_variance (eps 1e-5 in both; ``num_batches_tracked`` is ignored);
+- key names of checkpoints older than torchvision 0.13 (the COCO release among them):
+  ``fpn.inner_blocks.i.weight``, ``rpn.head.conv.weight`` and ``mask_head.mask_fcnK.weight`` are
+  renamed to today's ``fpn.inner_blocks.i.0.weight``, ``rpn.head.conv.0.0.weight`` and
+  ``mask_head.{K-1}.0.weight``; ``module.`` prefixes (DistributedDataParallel) are dropped and a
+  ``{"model": state_dict}`` wrapper (torchvision's reference scripts) is unwrapped.
+
+Anchor order, class order (0 = background, then torchvision's 91-label COCO ids) and mask channel
+order need no change: the model uses torchvision's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+# COCO 2017 category id -> name; torchvision's labels are these ids (gaps are unused labels).
+COCO_CATEGORIES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
+    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
+    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
+    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
+    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
+    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
+    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}
+
+
+def coco_label_map(num_classes: int = 90):
+    """(category_ids, class_names) of torchvision's COCO labels 1..num_classes."""
+    ids = list(range(1, num_classes + 1))
+    return ids, [COCO_CATEGORIES.get(i, "N/A") for i in ids]
+
+
+class WeightsError(ValueError):
+    """A state dict that does not fit the model; the message names the keys."""
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+_OLD_NAMES = [
+    (re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$"),
+     r"backbone.fpn.\1.\2.0.\3"),
+    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"), r"rpn.head.conv.0.0.\1"),
+    (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"),
+]
+
+
+def _to_numpy(value):
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def read_state_dict(source) -> dict[str, np.ndarray]:
+    """A torchvision state dict as {current torchvision key: numpy array}.
+
+    Args:
+      source: a dict of arrays or torch tensors, or a path to a ``.pth``/``.pt`` file (read with
+        ``torch.load(weights_only=True)``; needs torch) or a ``.npz`` file (no torch needed).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"torchvision weights: no such file {path}")
+        if path.endswith(".npz"):
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    state = {k: f[k] for k in f.files}
+            except (ValueError, OSError) as e:
+                raise WeightsError(f"{path}: not a readable .npz of arrays ({e})") from e
+        else:
+            try:
+                import torch
+            except ImportError as e:
+                raise ImportError(
+                    f"reading {path} needs torch (pip install torch), or convert it to .npz "
+                    "where torch is installed: np.savez(out, **{k: v.numpy() for k, v in "
+                    "torch.load(path, weights_only=True).items()})") from e
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
+                                   f"({type(e).__name__}: {e})") from e
+    else:
+        state = source
+    if not isinstance(state, dict):
+        raise WeightsError(f"torchvision weights: expected a state dict, got {type(state)}")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    out = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        for pattern, repl in _OLD_NAMES:
+            key = pattern.sub(repl, key)
+        out[key] = _to_numpy(value)
+    return out
+
+
+# -- layout changes ---------------------------------------------------------------------------
+
+_DELTA_ORDER = [1, 0, 3, 2]  # (dx, dy, dw, dh) -> (dy, dx, dh, dw)
+
+
+def _conv(w):
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def _conv_transpose(w):
+    return np.transpose(w, (2, 3, 1, 0))  # [in, out, kh, kw] -> [kh, kw, out, in]
+
+
+def _linear(w):
+    return np.transpose(w)
+
+
+def _deltas_first_axis(w):
+    """Reorders each group of four rows of a delta output from torch's to ours."""
+    groups = w.reshape((-1, 4) + w.shape[1:])
+    return groups[:, _DELTA_ORDER].reshape(w.shape)
+
+
+def _fc6(size: int):
+    def convert(w):
+        out_dim, in_dim = w.shape
+        channels = in_dim // (size * size)
+        w = w.reshape(out_dim, channels, size, size)
+        return np.transpose(w, (2, 3, 1, 0)).reshape(size * size * channels, out_dim)
+    return convert
+
+
+def _identity(w):
+    return w
+
+
+# -- the mapping ------------------------------------------------------------------------------
+
+def _norm_entries(prefix, layer):
+    names = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+             ("running_var", "moving_variance"))
+    return [(f"{prefix}.{t}", getattr(layer, k), _identity) for t, k in names]
+
+
+def torchvision_mapping(model) -> list[tuple[str, object, object]]:
+    """(torchvision key, our variable, numpy transform) for every weight of ``model``."""
+    m = model.cfg.model
+    problems = []
+    if m.backbone.stride_in_1x1:
+        problems.append("model.backbone.stride_in_1x1 must be false (stride on the 3x3 conv)")
+    if m.backbone.norm not in ("frozen_bn", "bn", "sync_bn"):
+        problems.append("model.backbone.norm must be frozen_bn (or bn)")
+    if m.fpn.norm != "none" or m.mask_head.norm != "none" or m.box_head.norm != "none":
+        problems.append("fpn/box_head/mask_head norm must be none (v1 model)")
+    if not m.rpn.share_heads or m.rpn.objectness != "sigmoid":
+        problems.append("model.rpn must share one head with sigmoid objectness")
+    if m.rpn.conv_channels != m.fpn.channels:
+        problems.append("model.rpn.conv_channels must equal model.fpn.channels")
+    if m.box_head.type != "2fc" or m.box_head.class_agnostic or m.mask_head.class_agnostic:
+        problems.append("model.box_head must be type 2fc with per-class deltas and masks")
+    if m.fpn.min_level != 2 or m.fpn.max_level != 6:
+        problems.append("model.fpn must have levels 2..6")
+    if problems:
+        raise WeightsError("the model is not torchvision's Mask R-CNN architecture: "
+                           + "; ".join(problems) + " (see configs/torchvision_r50_fpn.yaml)")
+    entries = []
+    bb = model.backbone
+    entries.append(("backbone.body.conv1.weight", bb.stem_conv.kernel, _conv))
+    entries += _norm_entries("backbone.body.bn1", bb.stem_norm)
+    for s, stage in enumerate(bb.stages):
+        for b, block in enumerate(stage):
+            p = f"backbone.body.layer{s + 1}.{b}"
+            for i, (conv, norm) in enumerate(((block.conv1, block.norm1),
+                                              (block.conv2, block.norm2),
+                                              (block.conv3, block.norm3)), start=1):
+                entries.append((f"{p}.conv{i}.weight", conv.kernel, _conv))
+                entries += _norm_entries(f"{p}.bn{i}", norm)
+            if block.project:
+                entries.append((f"{p}.downsample.0.weight", block.shortcut.kernel, _conv))
+                entries += _norm_entries(f"{p}.downsample.1", block.shortcut_norm)
+    fpn = model.fpn
+    for i in range(len(fpn.lateral)):
+        for torch_name, layer in (("inner_blocks", fpn.lateral[i]),
+                                  ("layer_blocks", fpn.output_convs[i])):
+            entries.append((f"backbone.fpn.{torch_name}.{i}.0.weight", layer.kernel, _conv))
+            entries.append((f"backbone.fpn.{torch_name}.{i}.0.bias", layer.bias, _identity))
+    rpn = model.rpn_head
+    entries += [
+        ("rpn.head.conv.0.0.weight", rpn.convs[0].kernel, _conv),
+        ("rpn.head.conv.0.0.bias", rpn.convs[0].bias, _identity),
+        ("rpn.head.cls_logits.weight", rpn.cls_convs[0].kernel, _conv),
+        ("rpn.head.cls_logits.bias", rpn.cls_convs[0].bias, _identity),
+        ("rpn.head.bbox_pred.weight", rpn.box_convs[0].kernel,
+         lambda w: _conv(_deltas_first_axis(w))),
+        ("rpn.head.bbox_pred.bias", rpn.box_convs[0].bias, _deltas_first_axis),
+    ]
+    bh = model.box_head
+    entries += [
+        ("roi_heads.box_head.fc6.weight", bh.fcs[0].kernel, _fc6(m.roi_align.box_output_size)),
+        ("roi_heads.box_head.fc6.bias", bh.fcs[0].bias, _identity),
+        ("roi_heads.box_head.fc7.weight", bh.fcs[1].kernel, _linear),
+        ("roi_heads.box_head.fc7.bias", bh.fcs[1].bias, _identity),
+        ("roi_heads.box_predictor.cls_score.weight", bh.class_logits.kernel, _linear),
+        ("roi_heads.box_predictor.cls_score.bias", bh.class_logits.bias, _identity),
+        ("roi_heads.box_predictor.bbox_pred.weight", bh.box_deltas.kernel,
+         lambda w: _linear(_deltas_first_axis(w))),
+        ("roi_heads.box_predictor.bbox_pred.bias", bh.box_deltas.bias, _deltas_first_axis),
+    ]
+    mh = model.mask_head
+    for i, conv in enumerate(mh.convs):
+        entries.append((f"roi_heads.mask_head.{i}.0.weight", conv.kernel, _conv))
+        entries.append((f"roi_heads.mask_head.{i}.0.bias", conv.bias, _identity))
+    entries += [
+        ("roi_heads.mask_predictor.conv5_mask.weight", mh.deconv.kernel, _conv_transpose),
+        ("roi_heads.mask_predictor.conv5_mask.bias", mh.deconv.bias, _identity),
+        ("roi_heads.mask_predictor.mask_fcn_logits.weight", mh.predictor.kernel, _conv),
+        ("roi_heads.mask_predictor.mask_fcn_logits.bias", mh.predictor.bias, _identity),
+    ]
+    return entries
+
+
+def load_torchvision(model, state_dict_or_path) -> int:
+    """Copies torchvision ``maskrcnn_resnet50_fpn`` weights into a built ``model``.
+
+    Every weight of the model must be in the state dict and every (non-counter) key of the state
+    dict must be used; otherwise nothing is assigned and a WeightsError lists the keys. Returns
+    the number of tensors copied. To fine-tune on other classes, load into the 90-class model
+    and then call ``mrcnn_tf.with_num_classes``.
+    """
+    state = read_state_dict(state_dict_or_path)
+    entries = torchvision_mapping(model)
+    used = {key for key, _, _ in entries}
+    missing = sorted(used - set(state))
+    unexpected = sorted(k for k in set(state) - used if not k.endswith("num_batches_tracked"))
+    errors = []
+    if missing:
+        errors.append(f"missing from the state dict: {', '.join(missing[:10])}"
+                      + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    if unexpected:
+        errors.append(f"not used by the model: {', '.join(unexpected[:10])}"
+                      + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    values = []
+    if not missing:
+        for key, var, convert in entries:
+            value = convert(np.asarray(state[key], np.float32))
+            expected = tuple(var.shape)
+            if value.shape != expected:
+                hint = (" (torchvision's COCO head has 91 logits: model.num_classes=90)"
+                        if "predictor" in key else "")
+                errors.append(f"{key}: torchvision shape {tuple(state[key].shape)} does not fit "
+                              f"{var.path} {expected}{hint}")
+            values.append((var, value))
+    if errors:
+        raise WeightsError("torchvision weights do not fit the model: " + "; ".join(errors))
+    for var, value in values:
+        var.assign(value)
+    return len(values)

@@ -1,0 +1,319 @@
+"""Parity of our MaskRCNN with torchvision's maskrcnn_resnet50_fpn after weight conversion.
+
+Two halves, because torch and TensorFlow live in different virtual environments:
+
+  reference (needs torch + torchvision): builds torchvision's model with seeded random weights,
+    runs it on a real COCO image and writes its state dict and every stage's output to an .npz;
+  check (needs mrcnn_tf): converts that state dict with ``mrcnn_tf.weights.load_torchvision``,
+    runs our model stage by stage on the same image and compares.
+
+``--small`` builds a reduced-width model (the resnet_small widths, FPN 64, fc 64, short side 200)
+from torchvision's own building blocks; its reference is committed as
+tests/fixtures/torchvision_maskrcnn_small.npz and checked by the default test suite without torch.
+The full-size check is one command (torch in its own venv, see benchmarks/README.md)::
+
+    python tests/scripts/torchvision_parity.py --torch_python /path/to/torchvenv/bin/python
+
+Random weights give near-uniform scores, so the reference widens them (seeded) to make rankings
+well separated, and uses score thresholds of 0 on both sides so that detections exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SMALL_FIXTURE = REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz"
+DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "coco_tiny16" / "train2017" / "000000060623.jpg"
+
+SMALL = dict(stem=16, widths=(16, 32, 64, 128), fpn=64, fc=64, mask=64, min_size=200,
+             max_size=320, crop=(240, 320))  # the small fixture uses a 240x320 centre crop
+FULL = dict(min_size=800, max_size=1333)
+BOX_ROWS = 256
+
+
+# -- the torch half -----------------------------------------------------------------------------
+
+def _torch_model(small: bool):
+    import torch
+    from torch import nn
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.models.resnet import Bottleneck
+    from torchvision.ops import FrozenBatchNorm2d
+
+    common = dict(box_score_thresh=0.0)
+    if not small:
+        # maskrcnn_resnet50_fpn(weights=COCO) builds exactly this (FrozenBatchNorm2d, 3 layers
+        # trainable); weights=None would switch to BatchNorm2d.
+        backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+        return MaskRCNN(backbone, num_classes=91, **FULL, **common)
+
+    s = SMALL
+
+    class SmallResNet(nn.Module):  # torchvision's ResNet layout and names, narrower
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, s["stem"], 7, 2, 3, bias=False)
+            self.bn1 = FrozenBatchNorm2d(s["stem"])
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            cin = s["stem"]
+            for i, w in enumerate(s["widths"]):
+                stride = 1 if i == 0 else 2
+                down = nn.Sequential(nn.Conv2d(cin, w * 4, 1, stride, bias=False),
+                                     FrozenBatchNorm2d(w * 4))
+                setattr(self, f"layer{i + 1}", nn.Sequential(
+                    Bottleneck(cin, w, stride, down, norm_layer=FrozenBatchNorm2d)))
+                cin = w * 4
+
+    body = SmallResNet()
+    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                               [w * 4 for w in s["widths"]], s["fpn"])
+    f = s["fpn"]
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=s["min_size"], max_size=s["max_size"],
+        rpn_head=RPNHead(f, 3), box_head=TwoMLPHead(f * 49, s["fc"]),
+        box_predictor=FastRCNNPredictor(s["fc"], 91),
+        mask_head=MaskRCNNHeads(f, (f, f, f, f), 1),
+        mask_predictor=MaskRCNNPredictor(f, f, 91), **common)
+
+
+def _randomise(model, seed: int):
+    """Seeded weights with spread-out outputs: random norm statistics everywhere and fan-in scaled
+    weights elsewhere, so that objectness and class logits spread over a few units (torchvision's
+    own init gives near-equal scores whose ranking float rounding decides)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if ".bn" in name or "downsample.1" in name:
+                if name.endswith("running_var"):
+                    t.copy_(torch.empty(t.shape).uniform_(0.5, 2.0, generator=gen))
+                elif name.endswith("running_mean") or name.endswith("bias"):
+                    t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
+                else:
+                    t.copy_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=gen))
+            elif name.endswith("weight"):
+                fan_in = t[0].numel() if t.dim() > 1 else 1
+                if "conv5_mask" in name:
+                    fan_in = t.shape[0]
+                gain = 2.0 if "body" in name else 1.0
+                t.copy_(torch.randn(t.shape, generator=gen) * (gain / fan_in) ** 0.5)
+            elif name.endswith("bias"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+
+
+def reference(out_path: str, small: bool, image_path: str, seed: int = 0) -> None:
+    import torch
+    import torchvision
+    from torchvision.io import ImageReadMode, read_image
+
+    torch.manual_seed(seed)
+    model = _torch_model(small).eval()
+    _randomise(model, seed)
+    image = read_image(image_path, ImageReadMode.RGB)  # uint8 [3, H, W]
+    if small:  # a centre crop keeps the committed fixture small
+        ch, cw = SMALL["crop"]
+        top, left = (image.shape[1] - ch) // 2, (image.shape[2] - cw) // 2
+        image = image[:, top: top + ch, left: left + cw].contiguous()
+    x = image.float() / 255.0
+    out = {"meta": np.array(json.dumps({"small": small, "seed": seed, "image": image_path,
+                                        "torchvision": torchvision.__version__}))}
+    out["image"] = image.permute(1, 2, 0).numpy()
+
+    def nhwc(t):
+        return t.permute(0, 2, 3, 1).numpy()
+
+    def yxyx(b):
+        return b[:, [1, 0, 3, 2]].numpy()
+
+    with torch.no_grad():
+        images, _ = model.transform([x])
+        out["resized_size"] = np.array(images.image_sizes[0])
+        out["input"] = nhwc(images.tensors)
+        body = model.backbone.body(images.tensors)
+        for i, k in enumerate(body):
+            out[f"c{i + 2}"] = nhwc(body[k])
+        feats = model.backbone.fpn(body)
+        for lv, k in zip(range(2, 7), feats):
+            out[f"p{lv}"] = nhwc(feats[k])
+        proposals, _ = model.rpn(images, feats)
+        out["proposals"] = yxyx(proposals[0])
+        # The box head's outputs for the first BOX_ROWS proposals (all rows cost megabytes).
+        proposals = [proposals[0][:BOX_ROWS]]
+        pooled = model.roi_heads.box_roi_pool(feats, proposals, images.image_sizes)
+        head = model.roi_heads.box_predictor(model.roi_heads.box_head(pooled))
+        out["class_logits"] = head[0].numpy()
+        out["box_deltas"] = head[1].reshape(-1, 91, 4)[..., [1, 0, 3, 2]].numpy()
+        dets = model([x])[0]
+    out["det_boxes"] = yxyx(dets["boxes"])
+    out["det_scores"] = dets["scores"].numpy()
+    out["det_classes"] = dets["labels"].numpy()
+    out["det_masks"] = dets["masks"][:, 0].numpy() >= 0.5  # [D, H, W] in the original image
+    for k, v in model.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            out[f"sd/{k}"] = v.numpy()
+    np.savez_compressed(out_path, **out)
+    print(f"wrote {out_path} ({os.path.getsize(out_path) / 1e6:.1f} MB), "
+          f"{len(out['det_scores'])} detections, {len(out['proposals'])} proposals")
+
+
+# -- the TensorFlow half ------------------------------------------------------------------------
+
+def small_overrides() -> list[str]:
+    """Config overrides that turn configs/torchvision_r50_fpn.yaml into the small model."""
+    s = SMALL
+    return ["model.backbone.name=resnet_small", f"model.fpn.channels={s['fpn']}",
+            f"model.rpn.conv_channels={s['fpn']}", f"model.box_head.fc_dim={s['fc']}",
+            f"model.mask_head.conv_dim={s['mask']}", f"model.preprocess.short_size={s['min_size']}",
+            f"model.preprocess.long_size={s['max_size']}"]
+
+
+def our_config(small: bool):
+    from mrcnn_tf.config import load_config
+
+    overrides = ["model.detection.score_threshold=0.0"] + (small_overrides() if small else [])
+    return load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", overrides)
+
+
+def _match(ref_boxes, boxes, tol):
+    """For each reference box, whether some box is within ``tol`` px in every coordinate."""
+    if len(boxes) == 0:
+        return np.zeros(len(ref_boxes), bool), np.full(len(ref_boxes), -1)
+    d = np.abs(ref_boxes[:, None, :] - boxes[None, :, :]).max(-1)
+    best = d.argmin(1)
+    return d[np.arange(len(ref_boxes)), best] <= tol, best
+
+
+def check(ref_path: str) -> dict:
+    """Runs our converted model on the reference's image; returns the measured differences."""
+    import tensorflow as tf
+
+    from mrcnn_tf.model import build_model
+    from mrcnn_tf.ops.masks import paste_masks
+    from mrcnn_tf.weights import load_torchvision
+
+    ref = dict(np.load(ref_path))
+    meta = json.loads(str(ref["meta"]))
+    config = our_config(meta["small"])
+    model = build_model(config)
+    state = {k[3:]: v for k, v in ref.items() if k.startswith("sd/")}
+    n_loaded = load_torchvision(model, state)
+    image = tf.constant(ref["image"][None])
+    r = {"tensors_loaded": n_loaded}
+
+    pre = model.preprocessor(image)
+    r["resized_size_equal"] = bool((pre["image_sizes"].numpy()[0] == ref["resized_size"]).all())
+    r["input_max_abs_diff"] = float(np.abs(pre["images"].numpy() - ref["input"]).max())
+    # Stage-wise: each stage gets torchvision's input where one is defined.
+    body = model.backbone(tf.constant(ref["input"]))
+    feats_in = {k: tf.constant(ref[k]) for k in ("c2", "c3", "c4", "c5")}
+    fpn = model.fpn(feats_in)
+    for lv in range(2, 6):
+        c = f"c{lv}"
+        r[f"{c}_rel_diff"] = float(np.abs(body[c].numpy() - ref[c]).max() / np.abs(ref[c]).max())
+    for lv in range(2, 7):
+        p = f"p{lv}"
+        r[f"{p}_rel_diff"] = float(np.abs(fpn[p].numpy() - ref[p]).max() / np.abs(ref[p]).max())
+    feats = {k: tf.constant(ref[k]) for k in ("p2", "p3", "p4", "p5", "p6")}
+    rpn = model.rpn_head(feats)
+    anchors = model.anchors(feats, tf.shape(ref["input"])[1:3])
+    props = model.proposal_generator(rpn["objectness"], rpn["deltas"], anchors,
+                                     tf.constant(ref["resized_size"][None]), training=False)
+    ours = props["boxes"].numpy()[0][props["valid"].numpy()[0]]
+    matched, _ = _match(ref["proposals"], ours, 1e-3)
+    r["proposals"] = [int(len(ref["proposals"])), int(len(ours))]
+    r["proposals_matched_1e-3px"] = float(matched.mean())
+    box = model.box_head(model.box_roi_align(
+        feats, tf.constant(ref["proposals"][None, :len(ref["class_logits"])])))
+    scale = max(np.abs(ref["class_logits"]).max(), 1.0)
+    r["class_logits_max_abs_diff"] = float(np.abs(box["class_logits"].numpy()[0]
+                                                  - ref["class_logits"]).max())
+    r["class_logits_scale"] = float(scale)
+    r["box_deltas_max_abs_diff"] = float(np.abs(box["box_deltas"].numpy()[0]
+                                                - ref["box_deltas"]).max())
+    # End to end.
+    det = model(image)
+    n = int(det["num_detections"][0])
+    boxes = det["detection_boxes"].numpy()[0, :n]
+    scores = det["detection_scores"].numpy()[0, :n]
+    classes = det["detection_classes"].numpy()[0, :n]
+    h, w = ref["image"].shape[:2]
+    masks = paste_masks(det["detection_masks"][0, :n], boxes, h, w,
+                        method=config.model.detection.mask_paste).numpy().astype(bool)
+    r["detections"] = [int(len(ref["det_scores"])), n]
+    ok, idx = _match(ref["det_boxes"], boxes, 1e-2)
+    same_class = ok & (classes[idx] == ref["det_classes"])
+    r["detections_matched"] = float(same_class.mean())
+    r["det_box_max_abs_diff"] = float(np.abs(boxes[idx[same_class]]
+                                             - ref["det_boxes"][same_class]).max())
+    r["det_score_max_abs_diff"] = float(np.abs(scores[idx[same_class]]
+                                               - ref["det_scores"][same_class]).max())
+    ious = []
+    for j in np.nonzero(same_class)[0]:
+        a, b = masks[idx[j]], ref["det_masks"][j]
+        union = (a | b).sum()
+        ious.append(1.0 if union == 0 else (a & b).sum() / union)
+    r["mask_iou_min"] = float(min(ious))
+    r["mask_iou_mean"] = float(np.mean(ious))
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", nargs="?", choices=("reference", "check", "both"), default="both")
+    p.add_argument("--small", action="store_true", help="the reduced-width model")
+    p.add_argument("--reference", help="reference .npz (written by 'reference', read by "
+                   "'check'); default: the committed small fixture or /tmp for the full model")
+    p.add_argument("--image", default=str(DEFAULT_IMAGE))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch_python", default=sys.executable,
+                   help="interpreter with torch and torchvision for the reference half")
+    args = p.parse_args(argv)
+    path = args.reference or (str(SMALL_FIXTURE) if args.small
+                              else "/tmp/torchvision_maskrcnn_full.npz")
+    if args.mode in ("reference", "both"):
+        if args.mode == "both":
+            cmd = [args.torch_python, __file__, "reference", "--reference", path, "--image",
+                   args.image, "--seed", str(args.seed)] + (["--small"] if args.small else [])
+            subprocess.run(cmd, check=True)
+        else:
+            reference(path, args.small, args.image, args.seed)
+    if args.mode in ("check", "both"):
+        result = check(path)
+        print(json.dumps(result, indent=1))
+        return 0 if passes(result) else 1
+    return 0
+
+
+def passes(r: dict) -> bool:
+    """The issue's tolerances."""
+    checks = [r["resized_size_equal"],
+              all(r[f"c{lv}_rel_diff"] <= 1e-4 for lv in range(2, 6)),
+              all(r[f"p{lv}_rel_diff"] <= 1e-4 for lv in range(2, 7)),
+              r["proposals_matched_1e-3px"] >= 0.99,
+              r["class_logits_max_abs_diff"] <= 1e-4 * r["class_logits_scale"],
+              r["box_deltas_max_abs_diff"] <= 1e-4 * max(1.0, r["class_logits_scale"]),
+              r["detections"][0] == r["detections"][1],
+              r["detections_matched"] >= 0.99,
+              r["mask_iou_min"] >= 0.99]
+    return all(checks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

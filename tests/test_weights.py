@@ -1,0 +1,145 @@
+"""torchvision weight conversion: parity with torchvision's own outputs, and clear errors.
+
+The reference (tests/fixtures/torchvision_maskrcnn_small.npz) was written by
+``tests/scripts/torchvision_parity.py reference --small`` in a torch venv: a reduced-width
+torchvision Mask R-CNN with seeded random weights, its state dict and each stage's outputs on a
+real COCO image. These tests need no torch.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mrcnn_tf.model import build_model
+from mrcnn_tf.weights import WeightsError, load_torchvision, read_state_dict
+from tests.conftest import REPO
+from tests.scripts import torchvision_parity as tp
+
+FIXTURE = REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz"
+
+
+@pytest.fixture(scope="module")
+def state():
+    with np.load(FIXTURE) as f:
+        return {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(tp.our_config(small=True))
+
+
+def test_small_model_equals_torchvision_stage_by_stage():
+    r = tp.check(str(FIXTURE))
+    print(json.dumps(r, indent=1))
+    assert r["resized_size_equal"] and r["input_max_abs_diff"] < 1e-4
+    for lv in range(2, 6):
+        assert r[f"c{lv}_rel_diff"] <= 1e-4, lv
+    for lv in range(2, 7):
+        assert r[f"p{lv}_rel_diff"] <= 1e-4, lv
+    assert r["proposals"][0] == r["proposals"][1] > 100
+    assert r["proposals_matched_1e-3px"] >= 0.99
+    assert r["class_logits_max_abs_diff"] <= 1e-4
+    assert r["box_deltas_max_abs_diff"] <= 1e-4
+    assert r["detections"] == [100, 100]
+    assert r["detections_matched"] == 1.0
+    assert r["det_score_max_abs_diff"] <= 1e-4
+    assert r["mask_iou_min"] >= 0.99
+    assert tp.passes(r)
+
+
+def _old_names(state):
+    """The key names of checkpoints written before torchvision 0.13 (the COCO release)."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for block in ("inner_blocks", "layer_blocks"):
+            for i in range(4):
+                k = k.replace(f"fpn.{block}.{i}.0.", f"fpn.{block}.{i}.")
+        for i in range(4):
+            k = k.replace(f"mask_head.{i}.0.", f"mask_head.mask_fcn{i + 1}.")
+        out[k] = v
+    return out
+
+
+def test_old_key_names_and_wrappers_load_the_same_weights(state, small_model, tmp_path):
+    load_torchvision(small_model, state)
+    expected = [v.numpy().copy() for v in small_model.weights]
+    old = _old_names(state)
+    assert "rpn.head.conv.weight" in old and "roi_heads.mask_head.mask_fcn1.weight" in old
+    path = tmp_path / "old.npz"
+    np.savez(path, **{"module." + k: v for k, v in old.items()})
+    other = build_model(tp.our_config(small=True))
+    assert load_torchvision(other, str(path)) == len(state)
+    for a, b in zip(expected, other.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert set(read_state_dict({"model": old})) == set(state)
+
+
+def test_missing_and_unexpected_keys_are_named_and_nothing_is_assigned(state, small_model):
+    before = [v.numpy().copy() for v in small_model.weights]
+    broken = dict(state)
+    del broken["roi_heads.box_head.fc6.bias"]
+    broken["roi_heads.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(WeightsError, match=r"fc6\.bias.*roi_heads\.extra\.weight"):
+        load_torchvision(small_model, broken)
+    for a, b in zip(before, small_model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_wrong_class_count_names_the_layer_and_the_fix(state):
+    model = build_model(_with(tp.our_config(small=True), num_classes=80))
+    with pytest.raises(WeightsError, match=r"cls_score\.weight.*\(91, 64\).*num_classes=90"):
+        load_torchvision(model, state)
+
+
+def _with(config, **model_fields):
+    import dataclasses
+
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_fields))
+
+
+def test_other_architectures_are_refused_with_the_reason(state):
+    import dataclasses
+
+    cfg = tp.our_config(small=True)
+    cfg = _with(cfg, backbone=dataclasses.replace(cfg.model.backbone, stride_in_1x1=True))
+    with pytest.raises(WeightsError, match="stride_in_1x1 must be false"):
+        load_torchvision(build_model(cfg), state)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_state_dict(tmp_path / "nope.pth")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(WeightsError, match="bad.npz: not a readable .npz"):
+        read_state_dict(str(bad))
+
+
+def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, tmp_path):
+    from mrcnn_tf.predict import load_model_dir
+
+    npz = tmp_path / "small.npz"
+    np.savez(npz, **state)
+    out = tmp_path / "run"
+    overrides = ["model.detection.score_threshold=0.0", *tp.small_overrides()]
+    subprocess.run([sys.executable, "-m", "mrcnn_tf.tools.convert_torchvision", "--checkpoint",
+                    str(npz), "--output", str(out), "--set", *overrides], check=True, cwd=REPO)
+    labels = json.loads((out / "labels.json").read_text())
+    assert len(labels) == 90 and labels[0] == {"class": 1, "id": 1, "name": "person"}
+    assert labels[11]["name"] == "N/A" and labels[89]["name"] == "toothbrush"
+    predict, ids, names, paste = load_model_dir(str(out))
+    assert paste == "torchvision" and ids[17] == 18
+    with np.load(FIXTURE) as f:
+        image = f["image"]
+    direct = build_model(tp.our_config(small=True))
+    load_torchvision(direct, state)
+    a = predict(image[None])
+    b = direct(image[None])
+    # Graph (tf.function) against eager execution: oneDNN may order sums differently.
+    np.testing.assert_allclose(a["detection_scores"], b["detection_scores"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(a["detection_boxes"], b["detection_boxes"].numpy(), atol=1e-2)

@@ -1,0 +1,126 @@
+"""Benchmark worker for mrcnn_tf (our venv). See protocol.py.
+
+    python benchmarks/workers/ours.py --measure inference|train|data --peer torchvision|modelgarden
+        --inputs inputs.npz [--data_dir coco128]
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+from protocol import serve  # noqa: E402
+
+# Our model configured as each peer's architecture and counts, so that the comparison is of
+# implementations rather than of model choices.
+PEER_CONFIGS = {
+    # torchvision maskrcnn_resnet50_fpn v1 at its default counts; score threshold 0 on both sides
+    # so that both run the mask head on 100 detections.
+    "torchvision": ("configs/torchvision_r50_fpn.yaml", [
+        "model.detection.score_threshold=0.0"]),
+    # Model Garden maskrcnn_resnetfpn_coco: 1024x1024, BN (trained) everywhere incl. FPN and the
+    # 4conv1fc box head, nothing frozen, anchor offset 0.5, 2000/1000 train and 1000/1000 test
+    # proposals, 512 RoIs, score threshold 0 (theirs set to 0 too).
+    "modelgarden": ("configs/coco_r50_fpn_1x.yaml", [
+        "model.num_classes=90", "model.backbone.norm=bn", "model.backbone.freeze_at=0",
+        "model.fpn.norm=bn", "model.box_head.type=4conv1fc", "model.box_head.norm=bn",
+        "model.mask_head.norm=bn", "model.anchors.offset=0.5", "model.rpn.pre_nms_topk_train=2000",
+        "model.rpn.post_nms_topk_train=1000", "model.rpn.pre_nms_topk_test=1000",
+        "model.rpn.post_nms_topk_test=1000", "model.detection.score_threshold=0.0",
+        "model.preprocess.resize=square", "model.preprocess.square_size=1024",
+        "data.image_size=1024"]),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--measure", required=True, choices=("inference", "train", "data"))
+    p.add_argument("--peer", required=True, choices=tuple(PEER_CONFIGS))
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--data_dir", default=None, help="coco128 folder (measure=data)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, default=8, help="batches per data run")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    args = p.parse_args()
+
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import mrcnn_tf
+    from mrcnn_tf.data import build_dataset
+
+    path, overrides = PEER_CONFIGS[args.peer]
+    overrides = list(overrides)
+    if args.measure == "data":
+        overrides += ["data.train.source=coco",
+                      f"data.train.annotation_file={args.data_dir}/annotations/"
+                      "instances_train2017.json",
+                      f"data.train.image_dir={args.data_dir}/train2017", "train.batch_size=8",
+                      "data.cache=false"]
+    cfg = mrcnn_tf.load_config(REPO / path, overrides + args.set)
+    inputs = np.load(args.inputs)
+    key = "800" if args.peer == "torchvision" else "1024"
+    state = {}
+
+    if args.measure == "data":
+        def build():
+            state["it"] = iter(build_dataset(cfg, training=True).repeat())
+
+        def run_once():
+            for _ in range(args.batches):
+                next(state["it"])
+            return {"images": args.batches * cfg.train.batch_size}
+
+        serve(run_once, build, {"config": path, "batch": cfg.train.batch_size})
+        return
+
+    def build():
+        state["model"] = mrcnn_tf.build_model(cfg)
+        if args.measure == "train":
+            state["model"].compile()
+            state["step"] = tf.function(state["model"].train_step)
+        else:
+            state["fn"] = tf.function(lambda x: state["model"](x, training=False))
+
+    image = inputs[f"image_{key}"]
+    if args.measure == "inference":
+        x = tf.constant(image[None])
+
+        def run_once():
+            out = state["fn"](x)
+            return {"detections": int(out["num_detections"][0])}
+    else:
+        h, w = image.shape[:2]
+        d = cfg.model.preprocess.size_divisibility
+        ph, pw = -(-h // d) * d, -(-w // d) * d
+        m = cfg.data.max_instances
+        boxes, classes = inputs[f"boxes_{key}"], inputs["labels"]
+        masks = inputs[f"masks_{key}"]
+        n = len(classes)
+        gt_boxes = np.zeros((1, m, 4), np.float32)
+        gt_boxes[0, :n] = boxes
+        gt_classes = -np.ones((1, m), np.int32)
+        gt_classes[0, :n] = classes
+        gt_masks = np.zeros((1, m, ph, pw), np.uint8)
+        gt_masks[0, :n, :h, :w] = masks
+        images = np.zeros((1, ph, pw, 3), np.float32)
+        images[0, :h, :w] = image
+        batch = (tf.constant(images), {
+            "gt_boxes": tf.constant(gt_boxes), "gt_classes": tf.constant(gt_classes),
+            "gt_masks": tf.constant(gt_masks),
+            "image_info": {"image_size": tf.constant([[h, w]], tf.int32)}})
+
+        def run_once():
+            return {"loss": float(state["step"](batch)["loss"])}
+
+    serve(run_once, build, {"config": path, "overrides": overrides,
+                            "input": list(image.shape), "pid": os.getpid()})
+
+
+if __name__ == "__main__":
+    main()

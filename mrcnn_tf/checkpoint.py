@@ -22,7 +22,12 @@ def make_checkpoint(model, optimizer=None) -> tf.train.Checkpoint:
         raise ValueError("model weights have duplicate paths; cannot checkpoint them by path")
     kwargs = {"weights": weights}
     if optimizer is not None:
-        kwargs["optimizer"] = {_key(v.path): v for v in optimizer.variables}
+        # Without the optimiser's own name: Keras numbers it (sgd, sgd_1, ...) by how many were
+        # created before in the process, which must not decide whether a checkpoint restores.
+        slots = {_key(v.path.split("/", 1)[-1]): v for v in optimizer.variables}
+        if len(slots) != len(optimizer.variables):
+            raise ValueError("optimizer variables have duplicate paths; cannot checkpoint them")
+        kwargs["optimizer"] = slots
     return tf.train.Checkpoint(**kwargs)
 
 

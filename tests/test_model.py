@@ -126,6 +126,23 @@ def test_tf_checkpoint_restores_every_weight(shapes_model, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_model, tmp_path):
+    """Keras names optimisers sgd, sgd_1, ... by creation order in the process; a checkpoint
+    written with one must restore into another."""
+    from mrcnn_tf.checkpoint import make_checkpoint, restore
+
+    first = mrcnn_tf.build_model(shapes_model.cfg)
+    first.compile()
+    first.optimizer.iterations.assign(7)
+    path = make_checkpoint(first, first.optimizer).save(str(tmp_path / "ckpt"))
+    second = mrcnn_tf.build_model(shapes_model.cfg)
+    second.compile()
+    assert second.optimizer.variables[0].path.split("/")[0] != \
+        first.optimizer.variables[0].path.split("/")[0]
+    restore(second, path, second.optimizer)
+    assert int(second.optimizer.iterations.numpy()) == 7
+
+
 def test_handles_freeze_and_new_num_classes(shapes_model):
     model = mrcnn_tf.build_model(shapes_model.cfg)
     model.set_weights(shapes_model.get_weights())

@@ -143,3 +143,24 @@ def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, 
     # Graph (tf.function) against eager execution: oneDNN may order sums differently.
     np.testing.assert_allclose(a["detection_scores"], b["detection_scores"].numpy(), atol=1e-4)
     np.testing.assert_allclose(a["detection_boxes"], b["detection_boxes"].numpy(), atol=1e-2)
+
+
+def test_converted_run_evaluates_in_torchvision_label_space(state, tmp_path, shared_data):
+    """A converted model predicts torchvision's 91-label space (class i = COCO id i), not the
+    annotation file's 80 contiguous classes: evaluation must use the run's labels.json."""
+    from mrcnn_tf.config import load_config
+    from mrcnn_tf.evaluation.run import evaluate_model_dir
+    from mrcnn_tf.tools.convert_torchvision import convert
+
+    npz = tmp_path / "small.npz"
+    np.savez(npz, **state)
+    out = tmp_path / "run"
+    overrides = ["model.detection.score_threshold=0.0", *tp.small_overrides()]
+    convert(str(npz), str(out), None, overrides)
+    tiny = shared_data / "coco_tiny16"
+    config = load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", overrides + [
+        f"data.eval.annotation_file={tiny}/instances_train2017.json",
+        f"data.eval.image_dir={tiny}/train2017", "eval.num_images=4", "data.image_size=320"])
+    results = evaluate_model_dir(config, str(out))
+    assert results["step"] == 0 and results["num_images"] == 4
+    assert 0.0 <= results["bbox"]["AP"] <= 1.0

@@ -61,7 +61,7 @@ def main():
         state["opt"].zero_grad()
         loss.backward()
         state["opt"].step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     serve(run_once, build, {"torch": torch.__version__, "input": list(image.shape),
                             "threads": torch.get_num_threads()})

@@ -28,9 +28,9 @@ def objectness_scores(logits: tf.Tensor) -> tf.Tensor:
 class ProposalGenerator(keras.layers.Layer):
     """Turns RPN outputs into a fixed number of proposals per image (torchvision's order).
 
-    Per level: top ``pre_nms_topk`` anchors by objectness logit, decode their deltas, clip to the image,
-    drop boxes smaller than ``min_box_size`` and probabilities below ``score_threshold``; then NMS
-    per level (or across levels) and the top ``post_nms_topk`` by probability.
+    Per level: top ``pre_nms_topk`` anchors by objectness logit, decode their deltas, clip to the
+    image, drop boxes smaller than ``min_box_size`` and probabilities below ``score_threshold``;
+    then NMS per level (or across levels) and the top ``post_nms_topk`` by probability.
 
     Inputs (call): objectness: list of [B, N_l] or [B, N_l, 2]; deltas: list of [B, N_l, 4];
     anchors: list of [N_l, 4]; image_sizes: [B, 2] (height, width) of each image's content in the

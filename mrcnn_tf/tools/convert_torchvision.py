@@ -6,8 +6,9 @@
 The output is what ``train.py`` writes: ``config.json``, ``labels.json`` (torchvision's COCO
 labels: class i is COCO category id i) and ``checkpoints/ckpt-0`` (a step-0 training checkpoint),
 so ``python -m mrcnn_tf.predict --model_dir``, ``python train.py --mode eval --model_dir`` and
-``python export/export_saved_model.py --model_dir`` take it as it is. Reading a ``.pth`` needs torch (``pip install torch``; loaded with
-``weights_only=True``); an ``.npz`` of the state dict needs nothing else.
+``python export/export_saved_model.py --model_dir`` take it as it is. Reading a ``.pth`` needs
+torch (``pip install torch``; loaded with ``weights_only=True``); an ``.npz`` of the state dict
+needs nothing else.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ BOX_ROWS = 256
 # -- the torch half -----------------------------------------------------------------------------
 
 def _torch_model(small: bool):
-    import torch
     from torch import nn
     from torchvision.models import resnet50
     from torchvision.models.detection import MaskRCNN
@@ -134,7 +133,7 @@ def _calibrate(model, x, passes: int = 3):
     for _ in range(passes):
         stds = {}
 
-        def record(name):
+        def record(name, stds=stds):
             def hook(module, inputs, output):  # returns None: the output is left as it is
                 if output.numel() > 1:
                     stds.setdefault(name, float(output.std()))

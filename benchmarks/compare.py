@@ -1,0 +1,287 @@
+"""Side-by-side benchmark of mrcnn_tf against torchvision and Model Garden, in one run.
+
+    bash benchmarks/setup_peers.sh          # once: the peers' own virtual environments
+    python benchmarks/compare.py            # everything; --only inference,train,data
+
+Each implementation runs in its own worker process (benchmarks/workers/), in its own virtual
+environment, with 2 intra-op and 2 inter-op threads. A pair (ours, peer) is measured together:
+both workers build their model and time their first call (one after the other), then warm up, then
+take turns A B A B ... for ``--rounds`` rounds, so machine drift hits both; at the end each reports
+its process's peak resident memory. Pairs:
+
+- inference, batch 1: torchvision maskrcnn_resnet50_fpn on an 800x1333 image at its default
+  proposal/detection counts vs ours with configs/torchvision_r50_fpn.yaml (same counts);
+  Model Garden maskrcnn_resnetfpn_coco at 1024x1024 vs ours configured as that model (1024
+  square, BN heads, 4conv1fc box head, same counts: workers/ours.py PEER_CONFIGS);
+- training step, batch 1 (forward + backward + SGD update), the same pairs and inputs;
+- data pipeline images/s at 1024 px on ../shared/data/coco128 (batch 8, training mode), ours vs
+  Model Garden's (reading TFRecords that mrcnn_tf.data.create_tfrecord writes from the same JSON).
+
+Prints a markdown table with ratios ours/peer and writes the raw numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKERS = REPO / "benchmarks" / "workers"
+VENVS = pathlib.Path(os.environ.get("MRCNN_BENCH_VENVS", REPO / "benchmarks" / ".venvs"))
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+def prepare_inputs(data_dir: pathlib.Path, work: pathlib.Path) -> dict:
+    """One real coco128 image with its instances at 800x1333 (torchvision's input: its resize
+    then keeps it as it is) and long side 1024 on a 1024x1024 canvas (Model Garden's input), plus
+    TFRecords of coco128 and of that one image."""
+    import numpy as np
+    import tensorflow as tf
+    from pycocotools import mask as mask_utils
+
+    from mrcnn_tf.data.create_tfrecord import main as create_tfrecord
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "inputs.npz"
+    ann_path = data_dir / "annotations" / "instances_train2017.json"
+    with open(ann_path) as f:
+        coco = json.load(f)
+    by_image = {}
+    for a in coco["annotations"]:
+        if not a.get("iscrowd", 0):
+            by_image.setdefault(a["image_id"], []).append(a)
+    # The image with the most instances among the first 20 with at least 5: a busy scene.
+    image = max((im for im in coco["images"][:20] if len(by_image.get(im["id"], [])) >= 5),
+                key=lambda im: len(by_image[im["id"]]))
+    anns = by_image[image["id"]]
+    pixels = tf.io.decode_image(tf.io.read_file(str(data_dir / "train2017" /
+                                                    image["file_name"])), channels=3,
+                                expand_animations=False)
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    masks = np.stack([mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], h, w))
+                      .reshape(h, w, -1).max(-1) if isinstance(a["segmentation"], list)
+                      else mask_utils.decode(a["segmentation"]) for a in anns])
+    boxes = np.array([[a["bbox"][1], a["bbox"][0], a["bbox"][1] + a["bbox"][3],
+                       a["bbox"][0] + a["bbox"][2]] for a in anns], np.float32)
+    arrays = {"labels": np.array([a["category_id"] for a in anns], np.int64),
+              "image_id": np.array(image["id"])}
+    for key, (nh, nw, canvas) in {"800": (800, 1333, None),
+                                  "1024": (round(h * 1024 / max(h, w)),
+                                           round(w * 1024 / max(h, w)), 1024)}.items():
+        img = tf.cast(tf.round(tf.image.resize(pixels, (nh, nw))), tf.uint8).numpy()
+        m = tf.image.resize(masks[..., None], (nh, nw), "nearest").numpy()[..., 0]
+        b = boxes * np.array([nh / h, nw / w, nh / h, nw / w], np.float32)
+        if canvas:
+            img = np.pad(img, ((0, canvas - nh), (0, canvas - nw), (0, 0)))
+            m = np.pad(m, ((0, 0), (0, canvas - nh), (0, canvas - nw)))
+        arrays[f"image_{key}"], arrays[f"masks_{key}"], arrays[f"boxes_{key}"] = img, m, b
+    np.savez(out, **arrays)
+    one = {**coco, "images": [image], "annotations": anns}
+    with open(work / "one_image.json", "w") as f:
+        json.dump(one, f)
+    if not (work / "coco128-00000-of-00001.tfrecord").exists():
+        create_tfrecord(["--annotations", str(ann_path), "--images", str(data_dir / "train2017"),
+                         "--output", str(work / "coco128"), "--workers", "2"])
+    if not (work / "one-00000-of-00001.tfrecord").exists():
+        create_tfrecord(["--annotations", str(work / "one_image.json"), "--images",
+                         str(data_dir / "train2017"), "--output", str(work / "one"),
+                         "--workers", "1"])
+    return {"inputs": str(out), "image_id": image["id"], "instances": len(anns),
+            "original_size": [h, w], "coco128_tfrecord": str(work / "coco128-*"),
+            "one_tfrecord": str(work / "one-*")}
+
+
+# -- workers -------------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, name: str, cmd: list[str], log_path: pathlib.Path):
+        self.name, self.log_path = name, log_path
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "2",
+               "PYTHONPATH": str(REPO)}
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env, cwd=REPO)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                msg = json.loads(line[2:])
+                if "error" in msg:
+                    raise RuntimeError(f"{self.name}: {msg['error']}")
+                return msg
+        self.log.flush()
+        tail = pathlib.Path(self.log_path).read_text()[-3000:]
+        raise RuntimeError(f"{self.name} exited (code {self.proc.wait()}); log "
+                           f"{self.log_path}:\n{tail}")
+
+    def send(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        msg = self.send("quit")
+        self.proc.wait(timeout=120)
+        self.log.close()
+        return msg
+
+
+def _stats(values):
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1],
+            "p25": q[0], "p75": q[2], "n": len(values), "all": values}
+
+
+def run_pair(name: str, workers: list[tuple[str, list[str]]], rounds: int, warmup: int,
+             log_dir: pathlib.Path, value: str = "seconds") -> dict:
+    """Starts the workers one after the other (first calls do not overlap), then alternates."""
+    started, result = [], {}
+    try:
+        for label, cmd in workers:
+            print(f"[{name}] starting {label}", flush=True)
+            w = Worker(label, cmd, log_dir / f"{name}-{label}.log")
+            started.append(w)
+            ready = w.read()
+            result[label] = {"build_s": ready["build_s"], "first_call_s": ready["first_call_s"],
+                             "describe": ready.get("describe"), "runs": []}
+            print(f"[{name}] {label}: first call {ready['first_call_s']:.1f} s", flush=True)
+        for _ in range(warmup):
+            for w in started:
+                w.send("run")
+        for r in range(rounds):
+            for w in started:
+                msg = w.send("run")
+                v = msg["seconds"] if value == "seconds" else msg["images"] / msg["seconds"]
+                result[w.name]["runs"].append(v)
+                result[w.name]["last"] = {k: v for k, v in msg.items() if k != "seconds"}
+            print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
+                f"{w.name} {result[w.name]['runs'][-1]:.3f}" for w in started), flush=True)
+        for w in started:
+            result[w.name]["peak_rss_mb"] = w.close()["peak_rss_mb"]
+            result[w.name]["stats"] = _stats(result[w.name]["runs"])
+    finally:
+        for w in started:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    return result
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    rows = ["| measure | implementation | first call (s) | median | p25-p75 | min-max | "
+            "peak RSS (MiB) | ours/peer (median) | ours/peer (first call) | ours/peer (RSS) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        unit = "img/s" if name.startswith("data") else "s"
+        labels = list(res)
+        ours, peer = res[labels[0]], res[labels[1]]
+        for label in labels:
+            r = res[label]
+            s = r["stats"]
+            ratio = ["", "", ""]
+            if label != labels[0]:
+                ratio = [f"{ours['stats']['median'] / s['median']:.2f}",
+                         f"{ours['first_call_s'] / r['first_call_s']:.2f}",
+                         f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}"]
+            rows.append(f"| {name} | {label} | {r['first_call_s']:.1f} | {s['median']:.3f} {unit} "
+                        f"| {s['p25']:.3f}-{s['p75']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
+                        f"{r['peak_rss_mb']:.0f} | " + " | ".join(ratio) + " |")
+        del peer
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="inference,train,data",
+                   help="comma list of inference, train, data")
+    p.add_argument("--peers", default="torchvision,modelgarden")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (inference, data)")
+    p.add_argument("--train_rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "coco128"))
+    p.add_argument("--work_dir", default="/tmp/mrcnn_bench")
+    p.add_argument("--ours_python", default=sys.executable)
+    p.add_argument("--torch_python", default=str(VENVS / "torch" / "bin" / "python"))
+    p.add_argument("--modelgarden_python", default=str(VENVS / "modelgarden" / "bin" / "python"))
+    p.add_argument("--output", default=None, help="JSON results (default WORK_DIR/results.json)")
+    args = p.parse_args(argv)
+    only, peers = args.only.split(","), args.peers.split(",")
+    work = pathlib.Path(args.work_dir)
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for peer, py in (("torchvision", args.torch_python), ("modelgarden", args.modelgarden_python)):
+        if peer in peers and not os.path.exists(py):
+            sys.exit(f"{peer}: no interpreter at {py}; run bash benchmarks/setup_peers.sh or pass "
+                     f"--{'torch' if peer == 'torchvision' else peer}_python")
+    info = prepare_inputs(pathlib.Path(args.data), work)
+    inputs = info["inputs"]
+
+    def ours(measure, peer, *extra):
+        return [args.ours_python, str(WORKERS / "ours.py"), "--measure", measure, "--peer", peer,
+                "--inputs", inputs, *extra]
+
+    plan = []
+    if "torchvision" in peers:
+        tv = [args.torch_python, str(WORKERS / "torchvision_worker.py"), "--inputs", inputs]
+        for m in ("inference", "train"):
+            if m in only:
+                plan.append((f"{m} (torchvision, 800x1333)", m,
+                             [("ours", ours(m, "torchvision")),
+                              ("torchvision", tv + ["--measure", m])]))
+    if "modelgarden" in peers:
+        mg = [args.modelgarden_python, str(WORKERS / "modelgarden_worker.py"), "--inputs", inputs]
+        if "inference" in only:
+            plan.append(("inference (Model Garden, 1024x1024)", "inference",
+                         [("ours", ours("inference", "modelgarden")),
+                          ("modelgarden", mg + ["--measure", "inference"])]))
+        if "train" in only:
+            plan.append(("train (Model Garden, 1024x1024)", "train",
+                         [("ours", ours("train", "modelgarden")),
+                          ("modelgarden", mg + ["--measure", "train", "--tfrecord",
+                                                info["one_tfrecord"]])]))
+        if "data" in only:
+            plan.append(("data pipeline (coco128, 1024, batch 8)", "data",
+                         [("ours", ours("data", "modelgarden", "--data_dir", args.data)),
+                          ("modelgarden", mg + ["--measure", "data", "--tfrecord",
+                                                info["coco128_tfrecord"]])]))
+    results = {}
+    t0 = time.time()
+    for name, measure, workers in plan:
+        rounds = args.train_rounds if measure == "train" else args.rounds
+        results[name] = run_pair(name.split(" ")[0] + "-" + workers[1][0], workers, rounds,
+                                 args.warmup, logs, "images" if measure == "data" else "seconds")
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "wall_s": round(time.time() - t0)}
+    out = pathlib.Path(args.output or work / "results.json")
+    out.write_text(json.dumps({"machine": machine, "inputs": info, "results": results},
+                              indent=1))
+    print()
+    print(f"machine: {machine}")
+    print(table(results))
+    print(f"\nraw numbers: {out}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

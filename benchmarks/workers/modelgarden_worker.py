@@ -1,0 +1,92 @@
+"""Benchmark worker for Model Garden's Mask R-CNN (tf-models-official 2.20, its own TF 2.20 and
+tf_keras), run in its own venv.
+
+The model is ``official.vision.modeling.factory.build_maskrcnn`` of the
+``maskrcnn_resnetfpn_coco`` experiment (through MaskRCNNTask.build_model), random weights, float32
+(the experiment's bfloat16 and XLA are TPU settings; ours runs without XLA too), detection score
+threshold 0 as ours in the same run. Inference takes the image already normalised (Model Garden
+normalises in its input pipeline, ours inside the model). The training step is the task's own
+``train_step`` on one batch of its own input pipeline (which also computes the RPN targets).
+"""
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from protocol import serve  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--measure", required=True, choices=("inference", "train", "data"))
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--tfrecord", default=None, help="TFRecord pattern (train: one image; data)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, default=8, help="batches per data run")
+    args = p.parse_args()
+
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import tf_keras
+    from official.core import exp_factory, task_factory
+    from official.vision import registry_imports  # noqa: F401  (registers the experiments)
+    from official.vision.ops import preprocess_ops
+
+    exp = exp_factory.get_exp_config("maskrcnn_resnetfpn_coco")
+    exp.task.init_checkpoint = None
+    exp.task.model.detection_generator.pre_nms_score_threshold = 0.0
+    for data in (exp.task.train_data, exp.task.validation_data):
+        data.dtype = "float32"
+    exp.task.train_data.input_path = args.tfrecord or ""
+    exp.task.train_data.global_batch_size = 8 if args.measure == "data" else 1
+    exp.task.train_data.shuffle_buffer_size = 64
+    task = task_factory.get_task(exp.task)
+    state = {}
+    describe = {"experiment": "maskrcnn_resnetfpn_coco", "tf": tf.__version__,
+                "input_size": list(exp.task.model.input_size),
+                "test_proposals": exp.task.model.roi_generator.test_num_proposals,
+                "box_head_convs": exp.task.model.detection_head.num_convs}
+
+    if args.measure == "data":
+        def build():
+            state["it"] = iter(task.build_inputs(exp.task.train_data).repeat())
+
+        def run_once():
+            for _ in range(args.batches):
+                next(state["it"])
+            return {"images": args.batches * 8}
+
+        serve(run_once, build, describe)
+        return
+
+    def build():
+        state["model"] = task.build_model()
+        if args.measure == "train":
+            state["opt"] = tf_keras.optimizers.SGD(learning_rate=0.001, momentum=0.9)
+            state["batch"] = next(iter(task.build_inputs(exp.task.train_data)))
+            state["step"] = tf.function(
+                lambda inputs: task.train_step(inputs, state["model"], state["opt"]))
+        else:
+            image = tf.constant(np.load(args.inputs)["image_1024"][None], tf.float32)
+            state["image"] = preprocess_ops.normalize_image(image[0])[None]
+            state["shape"] = tf.constant([[1024.0, 1024.0]])
+            state["fn"] = tf.function(
+                lambda x, s: state["model"](x, image_shape=s, training=False))
+
+    def run_once():
+        if args.measure == "inference":
+            out = state["fn"](state["image"], state["shape"])
+            return {"detections": int(out["num_detections"][0])}
+        logs = state["step"](state["batch"])
+        return {"loss": float(logs["loss"])}
+
+    serve(run_once, build, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -213,6 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--ours_python", default=sys.executable)
     p.add_argument("--torch_python", default=str(VENVS / "torch" / "bin" / "python"))
     p.add_argument("--modelgarden_python", default=str(VENVS / "modelgarden" / "bin" / "python"))
+    p.add_argument("--precision", default="fp32,bf16",
+                   help="comma list: fp32 (all float32) and/or bf16 (each implementation's mixed "
+                        "bfloat16: Keras mixed_bfloat16 for ours and Model Garden, torch.autocast "
+                        "for torchvision)")
     p.add_argument("--output", default=None, help="JSON results (default WORK_DIR/results.json)")
     args = p.parse_args(argv)
     only, peers = args.only.split(","), args.peers.split(",")
@@ -226,39 +230,15 @@ def main(argv=None) -> int:
     info = prepare_inputs(pathlib.Path(args.data), work)
     inputs = info["inputs"]
 
-    def ours(measure, peer, *extra):
-        return [args.ours_python, str(WORKERS / "ours.py"), "--measure", measure, "--peer", peer,
-                "--inputs", inputs, *extra]
-
     plan = []
-    if "torchvision" in peers:
-        tv = [args.torch_python, str(WORKERS / "torchvision_worker.py"), "--inputs", inputs]
-        for m in ("inference", "train"):
-            if m in only:
-                plan.append((f"{m} (torchvision, 800x1333)", m,
-                             [("ours", ours(m, "torchvision")),
-                              ("torchvision", tv + ["--measure", m])]))
-    if "modelgarden" in peers:
-        mg = [args.modelgarden_python, str(WORKERS / "modelgarden_worker.py"), "--inputs", inputs]
-        if "inference" in only:
-            plan.append(("inference (Model Garden, 1024x1024)", "inference",
-                         [("ours", ours("inference", "modelgarden")),
-                          ("modelgarden", mg + ["--measure", "inference"])]))
-        if "train" in only:
-            plan.append(("train (Model Garden, 1024x1024)", "train",
-                         [("ours", ours("train", "modelgarden")),
-                          ("modelgarden", mg + ["--measure", "train", "--tfrecord",
-                                                info["one_tfrecord"]])]))
-        if "data" in only:
-            plan.append(("data pipeline (coco128, 1024, batch 8)", "data",
-                         [("ours", ours("data", "modelgarden", "--data_dir", args.data)),
-                          ("modelgarden", mg + ["--measure", "data", "--tfrecord",
-                                                info["coco128_tfrecord"]])]))
+    for precision in args.precision.split(","):
+        plan += _plan(args, precision, only, peers, info, inputs)
     results = {}
     t0 = time.time()
     for name, measure, workers in plan:
         rounds = args.train_rounds if measure == "train" else args.rounds
-        results[name] = run_pair(name.split(" ")[0] + "-" + workers[1][0], workers, rounds,
+        results[name] = run_pair(name.split(" ")[0] + "-" + workers[1][0] + "-"
+                                 + name.split(", ")[-1].rstrip(")"), workers, rounds,
                                  args.warmup, logs, "images" if measure == "data" else "seconds")
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -271,6 +251,41 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"\nraw numbers: {out}")
     return 0
+
+
+def _plan(args, precision, only, peers, info, inputs):
+    """(name, measure, [(label, command), ...]) of every pair at one precision."""
+    def ours(measure, peer, *extra):
+        return [args.ours_python, str(WORKERS / "ours.py"), "--measure", measure, "--peer", peer,
+                "--inputs", inputs, "--precision", precision, *extra]
+
+    plan = []
+    if "torchvision" in peers:
+        tv = [args.torch_python, str(WORKERS / "torchvision_worker.py"), "--inputs", inputs,
+              "--precision", precision]
+        for m in ("inference", "train"):
+            if m in only:
+                plan.append((f"{m} (torchvision, 800x1333, {precision})", m,
+                             [("ours", ours(m, "torchvision")),
+                              ("torchvision", tv + ["--measure", m])]))
+    if "modelgarden" in peers:
+        mg = [args.modelgarden_python, str(WORKERS / "modelgarden_worker.py"), "--inputs", inputs,
+              "--precision", precision]
+        if "inference" in only:
+            plan.append((f"inference (Model Garden, 1024x1024, {precision})", "inference",
+                         [("ours", ours("inference", "modelgarden")),
+                          ("modelgarden", mg + ["--measure", "inference"])]))
+        if "train" in only:
+            plan.append((f"train (Model Garden, 1024x1024, {precision})", "train",
+                         [("ours", ours("train", "modelgarden")),
+                          ("modelgarden", mg + ["--measure", "train", "--tfrecord",
+                                                info["one_tfrecord"]])]))
+        if "data" in only and precision == "fp32":  # the pipelines do not depend on precision
+            plan.append(("data pipeline (coco128, 1024, batch 8, fp32)", "data",
+                         [("ours", ours("data", "modelgarden", "--data_dir", args.data)),
+                          ("modelgarden", mg + ["--measure", "data", "--tfrecord",
+                                                info["coco128_tfrecord"]])]))
+    return plan
 
 
 def _cpu_name() -> str:

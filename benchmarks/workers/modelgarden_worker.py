@@ -3,8 +3,9 @@ tf_keras), run in its own venv.
 
 The model is ``official.vision.modeling.factory.build_maskrcnn`` of the
 ``maskrcnn_resnetfpn_coco`` experiment (through MaskRCNNTask.build_model), random weights, float32
-(the experiment's bfloat16 and XLA are TPU settings; ours runs without XLA too), detection score
-threshold 0 as ours in the same run. Inference takes the image already normalised (Model Garden
+or, with ``--precision bf16``, mixed bfloat16 (the experiment's own runtime setting); without XLA
+(the experiment enables it for TPUs; ours cannot use it either), detection score threshold 0 as
+ours in the same run. Inference takes the image already normalised (Model Garden
 normalises in its input pipeline, ours inside the model). The training step is the task's own
 ``train_step`` on one batch of its own input pipeline (which also computes the RPN targets).
 """
@@ -25,6 +26,9 @@ def main():
     p.add_argument("--tfrecord", default=None, help="TFRecord pattern (train: one image; data)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, default=8, help="batches per data run")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: tf_keras mixed_bfloat16, what the experiment's runtime "
+                        "mixed_precision_dtype='bfloat16' sets")
     args = p.parse_args()
 
     import numpy as np
@@ -37,6 +41,8 @@ def main():
     from official.vision import registry_imports  # noqa: F401  (registers the experiments)
     from official.vision.ops import preprocess_ops
 
+    if args.precision == "bf16":
+        tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     exp = exp_factory.get_exp_config("maskrcnn_resnetfpn_coco")
     exp.task.init_checkpoint = None
     exp.task.model.detection_generator.pre_nms_score_threshold = 0.0
@@ -45,9 +51,13 @@ def main():
     exp.task.train_data.input_path = args.tfrecord or ""
     exp.task.train_data.global_batch_size = 8 if args.measure == "data" else 1
     exp.task.train_data.shuffle_buffer_size = 64
+    # Like ours in the same run: no scale jitter (the experiment's default is 0.8-1.25), flips on.
+    exp.task.train_data.parser.aug_scale_min = 1.0
+    exp.task.train_data.parser.aug_scale_max = 1.0
     task = task_factory.get_task(exp.task)
     state = {}
     describe = {"experiment": "maskrcnn_resnetfpn_coco", "tf": tf.__version__,
+                "precision": args.precision,
                 "input_size": list(exp.task.model.input_size),
                 "test_proposals": exp.task.model.roi_generator.test_num_proposals,
                 "box_head_convs": exp.task.model.detection_head.num_convs}

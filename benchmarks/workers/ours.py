@@ -44,6 +44,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, default=8, help="batches per data run")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: Keras mixed_bfloat16 (bfloat16 compute, float32 weights)")
     args = p.parse_args()
 
     import numpy as np
@@ -54,10 +56,17 @@ def main():
     import mrcnn_tf
     from mrcnn_tf.data import build_dataset
 
+    if args.precision == "bf16":
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
     path, overrides = PEER_CONFIGS[args.peer]
     overrides = list(overrides)
+    if args.precision == "bf16":
+        overrides.append("train.mixed_precision=mixed_bfloat16")
     if args.measure == "data":
-        overrides += ["data.train.source=coco",
+        overrides += ["model.num_classes=80", "data.train.source=coco",
                       f"data.train.annotation_file={args.data_dir}/annotations/"
                       "instances_train2017.json",
                       f"data.train.image_dir={args.data_dir}/train2017", "train.batch_size=8",
@@ -118,7 +127,7 @@ def main():
         def run_once():
             return {"loss": float(state["step"](batch)["loss"])}
 
-    serve(run_once, build, {"config": path, "overrides": overrides,
+    serve(run_once, build, {"config": path, "overrides": overrides, "precision": args.precision,
                             "input": list(image.shape), "pid": os.getpid()})
 
 

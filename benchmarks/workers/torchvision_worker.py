@@ -19,6 +19,8 @@ def main():
     p.add_argument("--measure", required=True, choices=("inference", "train"))
     p.add_argument("--inputs", required=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: torch.autocast('cpu', dtype=torch.bfloat16) around the forward")
     args = p.parse_args()
 
     import numpy as np
@@ -50,20 +52,25 @@ def main():
             model.eval()
         state["model"] = model
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     def run_once():
         model = state["model"]
         if args.measure == "inference":
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 out = model([image])[0]
             return {"detections": int(len(out["scores"]))}
-        losses = model([image], [state["target"]])
-        loss = sum(losses.values())
+        with autocast():
+            losses = model([image], [state["target"]])
+        loss = sum(v.float() for v in losses.values())
         state["opt"].zero_grad()
         loss.backward()
         state["opt"].step()
         return {"loss": float(loss.detach())}
 
     serve(run_once, build, {"torch": torch.__version__, "input": list(image.shape),
+                            "precision": args.precision,
                             "threads": torch.get_num_threads()})
 
 

@@ -34,3 +34,41 @@ def test_none_and_unknown():
     assert make_norm("none", "n") is None
     with pytest.raises(ValueError, match="unknown normalisation 'layer'"):
         make_norm("layer", "n")
+
+
+def test_fused_batch_norm_equals_keras_batch_norm():
+    """Our BatchNormalization (fused kernel) computes what keras.layers.BatchNormalization does:
+    outputs and gradients in training and inference, and the moving statistics (which differ
+    only by Bessel's correction of the variance)."""
+    import keras
+
+    from mrcnn_tf.layers.norm import BatchNormalization
+
+    x = tf.random.stateless_normal([2, 5, 6, 8], seed=[1, 2]) * 3.0 + 1.0
+    ours = BatchNormalization(momentum=0.9, epsilon=1e-5)
+    ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    for a, b in zip(ours.weights, ref.weights):
+        a.assign(tf.random.stateless_uniform(a.shape, seed=[3, len(a.name)], minval=0.5,
+                                             maxval=1.5))
+        b.assign(a)
+    for training in (False, True):  # inference first: training updates the moving statistics
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y_ours = ours(x, training=training)
+            y_ref = ref(x, training=training)
+            loss_ours = tf.reduce_sum(y_ours * tf.range(8.0))
+            loss_ref = tf.reduce_sum(y_ref * tf.range(8.0))
+        np.testing.assert_allclose(y_ours.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
+        for g_ours, g_ref in zip(tape.gradient(loss_ours, [x, ours.gamma, ours.beta]),
+                                 tape.gradient(loss_ref, [x, ref.gamma, ref.beta])):
+            np.testing.assert_allclose(g_ours.numpy(), g_ref.numpy(), rtol=1e-3, atol=1e-3)
+    n = 2 * 5 * 6
+    np.testing.assert_allclose(ours.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-5)
+    # moving_var = 0.9 * v0 + 0.1 * var_batch; ours uses var_batch * n / (n - 1).
+    v0 = (ref.moving_variance.numpy() - 0.1 * tf.math.reduce_variance(x, [0, 1, 2]).numpy()) / 0.9
+    expected = 0.9 * v0 + 0.1 * tf.math.reduce_variance(x, [0, 1, 2]).numpy() * n / (n - 1)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), expected, rtol=1e-4)
+    # The fused layer round-trips through its config like any Keras layer.
+    assert isinstance(BatchNormalization.from_config(ours.get_config()), BatchNormalization)

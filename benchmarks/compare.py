@@ -15,7 +15,8 @@ its process's peak resident memory. Pairs:
   square, BN heads, 4conv1fc box head, same counts: workers/ours.py PEER_CONFIGS);
 - training step, batch 1 (forward + backward + SGD update), the same pairs and inputs;
 - data pipeline images/s at 1024 px on ../shared/data/coco128 (batch 8, training mode), ours vs
-  Model Garden's (reading TFRecords that mrcnn_tf.data.create_tfrecord writes from the same JSON).
+  Model Garden's (reading TFRecords that mrcnn_tf.data.create_tfrecord writes from the same JSON);
+  pipelines prefetch in background threads, so these run one process at a time instead.
 
 Prints a markdown table with ratios ours/peer and writes the raw numbers as JSON.
 """
@@ -142,7 +143,7 @@ def _stats(values):
 
 
 def run_pair(name: str, workers: list[tuple[str, list[str]]], rounds: int, warmup: int,
-             log_dir: pathlib.Path, value: str = "seconds") -> dict:
+             log_dir: pathlib.Path) -> dict:
     """Starts the workers one after the other (first calls do not overlap), then alternates."""
     started, result = [], {}
     try:
@@ -160,8 +161,7 @@ def run_pair(name: str, workers: list[tuple[str, list[str]]], rounds: int, warmu
         for r in range(rounds):
             for w in started:
                 msg = w.send("run")
-                v = msg["seconds"] if value == "seconds" else msg["images"] / msg["seconds"]
-                result[w.name]["runs"].append(v)
+                result[w.name]["runs"].append(msg["seconds"])
                 result[w.name]["last"] = {k: v for k, v in msg.items() if k != "seconds"}
             print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
                 f"{w.name} {result[w.name]['runs'][-1]:.3f}" for w in started), flush=True)
@@ -172,6 +172,36 @@ def run_pair(name: str, workers: list[tuple[str, list[str]]], rounds: int, warmu
         for w in started:
             if w.proc.poll() is None:
                 w.proc.kill()
+    return result
+
+
+def run_sequential(name: str, workers: list[tuple[str, list[str]]], rounds: int,
+                   log_dir: pathlib.Path) -> dict:
+    """For input pipelines, whose background threads keep prefetching while idle: one process at a
+    time (A alone, then B alone, repeated), each round a fresh process: one warm-up run, then one
+    timed run; images/s per timed run, the first call and peak memory from each process."""
+    result = {label: {"runs": [], "first_calls": [], "rss": []} for label, _ in workers}
+    for r in range(rounds):
+        for label, cmd in workers:
+            w = Worker(label, cmd, log_dir / f"{name}-{label}-{r}.log")
+            try:
+                ready = w.read()
+                w.send("run")
+                msg = w.send("run")
+                res = result[label]
+                res["runs"].append(msg["images"] / msg["seconds"])
+                res["first_calls"].append(ready["first_call_s"])
+                res["describe"] = ready.get("describe")
+                res["rss"].append(w.close()["peak_rss_mb"])
+            finally:
+                if w.proc.poll() is None:
+                    w.proc.kill()
+        print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
+            f"{label} {result[label]['runs'][-1]:.1f} img/s" for label, _ in workers), flush=True)
+    for res in result.values():
+        res["stats"] = _stats(res["runs"])
+        res["first_call_s"] = statistics.median(res["first_calls"])
+        res["peak_rss_mb"] = max(res["rss"])
     return result
 
 
@@ -207,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="torchvision,modelgarden")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (inference, data)")
     p.add_argument("--train_rounds", type=int, default=5)
+    p.add_argument("--data_rounds", type=int, default=3,
+                   help="data pipelines: fresh processes, one at a time")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "coco128"))
     p.add_argument("--work_dir", default="/tmp/mrcnn_bench")
@@ -236,10 +268,12 @@ def main(argv=None) -> int:
     results = {}
     t0 = time.time()
     for name, measure, workers in plan:
+        tag = f"{measure}-{workers[1][0]}-{name.split(', ')[-1].rstrip(')')}"
+        if measure == "data":
+            results[name] = run_sequential(tag, workers, args.data_rounds, logs)
+            continue
         rounds = args.train_rounds if measure == "train" else args.rounds
-        results[name] = run_pair(name.split(" ")[0] + "-" + workers[1][0] + "-"
-                                 + name.split(", ")[-1].rstrip(")"), workers, rounds,
-                                 args.warmup, logs, "images" if measure == "data" else "seconds")
+        results[name] = run_pair(tag, workers, rounds, args.warmup, logs)
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "wall_s": round(time.time() - t0)}

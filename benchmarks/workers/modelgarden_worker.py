@@ -25,7 +25,7 @@ def main():
     p.add_argument("--inputs", required=True)
     p.add_argument("--tfrecord", default=None, help="TFRecord pattern (train: one image; data)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", type=int, default=8, help="batches per data run")
+    p.add_argument("--batches", type=int, default=16, help="batches per data run")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: tf_keras mixed_bfloat16, what the experiment's runtime "
                         "mixed_precision_dtype='bfloat16' sets")

@@ -42,7 +42,7 @@ def main():
     p.add_argument("--inputs", required=True)
     p.add_argument("--data_dir", default=None, help="coco128 folder (measure=data)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", type=int, default=8, help="batches per data run")
+    p.add_argument("--batches", type=int, default=16, help="batches per data run")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: Keras mixed_bfloat16 (bfloat16 compute, float32 weights)")

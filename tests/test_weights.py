@@ -164,3 +164,34 @@ def test_converted_run_evaluates_in_torchvision_label_space(state, tmp_path, sha
     results = evaluate_model_dir(config, str(out))
     assert results["step"] == 0 and results["num_images"] == 4
     assert 0.0 <= results["bbox"]["AP"] <= 1.0
+
+
+def test_exported_converted_model_serves_torchvision_detections(state, tmp_path):
+    """convert -> export -> load the SavedModel: the served detections and full-size masks are
+    torchvision's (the README's path to TF Serving)."""
+    import tensorflow as tf
+
+    from mrcnn_tf.tools.convert_torchvision import convert
+
+    npz = tmp_path / "small.npz"
+    np.savez(npz, **state)
+    run = tmp_path / "run"
+    convert(str(npz), str(run), None, ["model.detection.score_threshold=0.0",
+                                       *tp.small_overrides()])
+    subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run),
+                    "--output", str(tmp_path / "export"), "--input_type", "image_tensor"],
+                   check=True, cwd=REPO)
+    with np.load(FIXTURE) as f:
+        image, ref_masks = f["image"], f["det_masks"]
+        ref_scores, ref_classes = f["det_scores"], f["det_classes"]
+    served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["image_tensor"]
+    out = served(images=tf.constant(image[None]))
+    n = int(out["num_detections"][0])
+    assert n == len(ref_scores) == 100
+    np.testing.assert_array_equal(out["detection_classes"].numpy()[0, :n], ref_classes)
+    np.testing.assert_allclose(out["detection_scores"].numpy()[0, :n], ref_scores, atol=1e-4)
+    masks = out["detection_masks"].numpy()[0, :n].astype(bool)
+    assert masks.shape == ref_masks.shape
+    inter = (masks & ref_masks).sum(axis=(1, 2))
+    union = np.maximum((masks | ref_masks).sum(axis=(1, 2)), 1)
+    assert (inter / union).min() >= 0.99

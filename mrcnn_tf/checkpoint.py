@@ -15,8 +15,12 @@ def _key(path: str) -> str:
     return path.replace("/", ".")
 
 
-def make_checkpoint(model, optimizer=None) -> tf.train.Checkpoint:
-    """A tf.train.Checkpoint of every weight of ``model`` (and ``optimizer``'s variables)."""
+def make_checkpoint(model, optimizer=None, legacy_optimizer_keys: bool = False
+                    ) -> tf.train.Checkpoint:
+    """A tf.train.Checkpoint of every weight of ``model`` (and ``optimizer``'s variables).
+
+    ``legacy_optimizer_keys``: key the optimiser's variables with its Keras name in front, as
+    checkpoints written before 2026-11-24 did (``restore`` falls back to it)."""
     weights = {_key(v.path.split("/", 1)[-1]): v for v in model.weights}
     if len(weights) != len(model.weights):
         raise ValueError("model weights have duplicate paths; cannot checkpoint them by path")
@@ -24,7 +28,8 @@ def make_checkpoint(model, optimizer=None) -> tf.train.Checkpoint:
     if optimizer is not None:
         # Without the optimiser's own name: Keras numbers it (sgd, sgd_1, ...) by how many were
         # created before in the process, which must not decide whether a checkpoint restores.
-        slots = {_key(v.path.split("/", 1)[-1]): v for v in optimizer.variables}
+        slots = {_key(v.path if legacy_optimizer_keys else v.path.split("/", 1)[-1]): v
+                 for v in optimizer.variables}
         if len(slots) != len(optimizer.variables):
             raise ValueError("optimizer variables have duplicate paths; cannot checkpoint them")
         kwargs["optimizer"] = slots
@@ -36,4 +41,11 @@ def restore(model, path: str, optimizer=None) -> None:
     status = make_checkpoint(model, optimizer).restore(path)
     if optimizer is None:
         status.expect_partial()  # a training checkpoint also holds optimiser slots
-    status.assert_existing_objects_matched()
+        status.assert_existing_objects_matched()
+        return
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError:
+        # A checkpoint from before the optimiser's Keras name left the keys.
+        make_checkpoint(model, optimizer, legacy_optimizer_keys=True).restore(
+            path).assert_existing_objects_matched()

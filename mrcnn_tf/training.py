@@ -11,7 +11,7 @@ import time
 import keras
 import tensorflow as tf
 
-from mrcnn_tf.checkpoint import make_checkpoint
+from mrcnn_tf.checkpoint import make_checkpoint, restore
 from mrcnn_tf.config import Config, to_dict
 from mrcnn_tf.data import build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
@@ -181,7 +181,7 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     start = 0
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        restore(model, latest, model.optimizer)
         start = int(model.optimizer.iterations.numpy())
         print(f"resumed from {latest} at step {start}", flush=True)
     if chief:

@@ -141,6 +141,17 @@ def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_mod
         first.optimizer.variables[0].path.split("/")[0]
     restore(second, path, second.optimizer)
     assert int(second.optimizer.iterations.numpy()) == 7
+    # Checkpoints written before (keys with the optimiser's name, "sgd" in a fresh process)
+    # still resume.
+    old = mrcnn_tf.build_model(shapes_model.cfg)
+    old.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, name="sgd"))
+    old.optimizer.iterations.assign(5)
+    legacy = make_checkpoint(old, old.optimizer, legacy_optimizer_keys=True).save(
+        str(tmp_path / "legacy"))
+    third = mrcnn_tf.build_model(shapes_model.cfg)
+    third.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, name="sgd"))
+    restore(third, legacy, third.optimizer)
+    assert int(third.optimizer.iterations.numpy()) == 5
 
 
 def test_handles_freeze_and_new_num_classes(shapes_model):

@@ -46,8 +46,8 @@ def prepare_inputs(data_dir: pathlib.Path, work: pathlib.Path) -> dict:
     TFRecords of coco128 and of that one image."""
     import numpy as np
     import tensorflow as tf
-    from pycocotools import mask as mask_utils
 
+    from mrcnn_tf.data.coco import rasterize
     from mrcnn_tf.data.create_tfrecord import main as create_tfrecord
 
     work.mkdir(parents=True, exist_ok=True)
@@ -67,9 +67,7 @@ def prepare_inputs(data_dir: pathlib.Path, work: pathlib.Path) -> dict:
                                                     image["file_name"])), channels=3,
                                 expand_animations=False)
     h, w = int(pixels.shape[0]), int(pixels.shape[1])
-    masks = np.stack([mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], h, w))
-                      .reshape(h, w, -1).max(-1) if isinstance(a["segmentation"], list)
-                      else mask_utils.decode(a["segmentation"]) for a in anns])
+    masks = rasterize([a["segmentation"] for a in anns], h, w)
     boxes = np.array([[a["bbox"][1], a["bbox"][0], a["bbox"][1] + a["bbox"][3],
                        a["bbox"][0] + a["bbox"][2]] for a in anns], np.float32)
     arrays = {"labels": np.array([a["category_id"] for a in anns], np.int64),

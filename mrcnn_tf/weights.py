@@ -131,11 +131,9 @@ _DELTA_ORDER = [1, 0, 3, 2]  # (dx, dy, dw, dh) -> (dy, dx, dh, dw)
 
 
 def _conv(w):
+    """[out, in, kh, kw] -> [kh, kw, in, out]; the same permutation takes a transposed conv's
+    [in, out, kh, kw] to Keras Conv2DTranspose's [kh, kw, out, in]."""
     return np.transpose(w, (2, 3, 1, 0))
-
-
-def _conv_transpose(w):
-    return np.transpose(w, (2, 3, 1, 0))  # [in, out, kh, kw] -> [kh, kw, out, in]
 
 
 def _linear(w):
@@ -238,7 +236,7 @@ def torchvision_mapping(model) -> list[tuple[str, object, object]]:
         entries.append((f"roi_heads.mask_head.{i}.0.weight", conv.kernel, _conv))
         entries.append((f"roi_heads.mask_head.{i}.0.bias", conv.bias, _identity))
     entries += [
-        ("roi_heads.mask_predictor.conv5_mask.weight", mh.deconv.kernel, _conv_transpose),
+        ("roi_heads.mask_predictor.conv5_mask.weight", mh.deconv.kernel, _conv),
         ("roi_heads.mask_predictor.conv5_mask.bias", mh.deconv.bias, _identity),
         ("roi_heads.mask_predictor.mask_fcn_logits.weight", mh.predictor.kernel, _conv),
         ("roi_heads.mask_predictor.mask_fcn_logits.bias", mh.predictor.bias, _identity),

@@ -28,6 +28,14 @@ def state():
 
 
 @pytest.fixture(scope="module")
+def state_npz(state, tmp_path_factory):
+    """The fixture's state dict as an .npz file, as a user without torch would pass it."""
+    path = tmp_path_factory.mktemp("torchvision") / "small.npz"
+    np.savez(path, **state)
+    return path
+
+
+@pytest.fixture(scope="module")
 def small_model():
     return build_model(tp.our_config(small=True))
 
@@ -120,15 +128,15 @@ def test_unreadable_files_are_named(tmp_path):
         read_state_dict(str(bad))
 
 
-def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, tmp_path):
+def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, state_npz,
+                                                                         tmp_path):
     from mrcnn_tf.predict import load_model_dir
 
-    npz = tmp_path / "small.npz"
-    np.savez(npz, **state)
     out = tmp_path / "run"
-    overrides = ["model.detection.score_threshold=0.0", *tp.small_overrides()]
+    overrides = tp.parity_overrides(small=True)
     subprocess.run([sys.executable, "-m", "mrcnn_tf.tools.convert_torchvision", "--checkpoint",
-                    str(npz), "--output", str(out), "--set", *overrides], check=True, cwd=REPO)
+                    str(state_npz), "--output", str(out), "--set", *overrides],
+                   check=True, cwd=REPO)
     labels = json.loads((out / "labels.json").read_text())
     assert len(labels) == 90 and labels[0] == {"class": 1, "id": 1, "name": "person"}
     assert labels[11]["name"] == "N/A" and labels[89]["name"] == "toothbrush"
@@ -145,18 +153,16 @@ def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, 
     np.testing.assert_allclose(a["detection_boxes"], b["detection_boxes"].numpy(), atol=1e-2)
 
 
-def test_converted_run_evaluates_in_torchvision_label_space(state, tmp_path, shared_data):
+def test_converted_run_evaluates_in_torchvision_label_space(state_npz, tmp_path, shared_data):
     """A converted model predicts torchvision's 91-label space (class i = COCO id i), not the
     annotation file's 80 contiguous classes: evaluation must use the run's labels.json."""
     from mrcnn_tf.config import load_config
     from mrcnn_tf.evaluation.run import evaluate_model_dir
     from mrcnn_tf.tools.convert_torchvision import convert
 
-    npz = tmp_path / "small.npz"
-    np.savez(npz, **state)
     out = tmp_path / "run"
-    overrides = ["model.detection.score_threshold=0.0", *tp.small_overrides()]
-    convert(str(npz), str(out), None, overrides)
+    overrides = tp.parity_overrides(small=True)
+    convert(str(state_npz), str(out), None, overrides)
     tiny = shared_data / "coco_tiny16"
     config = load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", overrides + [
         f"data.eval.annotation_file={tiny}/instances_train2017.json",
@@ -166,18 +172,15 @@ def test_converted_run_evaluates_in_torchvision_label_space(state, tmp_path, sha
     assert 0.0 <= results["bbox"]["AP"] <= 1.0
 
 
-def test_exported_converted_model_serves_torchvision_detections(state, tmp_path):
+def test_exported_converted_model_serves_torchvision_detections(state_npz, tmp_path):
     """convert -> export -> load the SavedModel: the served detections and full-size masks are
     torchvision's (the README's path to TF Serving)."""
     import tensorflow as tf
 
     from mrcnn_tf.tools.convert_torchvision import convert
 
-    npz = tmp_path / "small.npz"
-    np.savez(npz, **state)
     run = tmp_path / "run"
-    convert(str(npz), str(run), None, ["model.detection.score_threshold=0.0",
-                                       *tp.small_overrides()])
+    convert(str(state_npz), str(run), None, tp.parity_overrides(small=True))
     subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run),
                     "--output", str(tmp_path / "export"), "--input_type", "image_tensor"],
                    check=True, cwd=REPO)

@@ -19,11 +19,6 @@ def objectness_logits(logits: tf.Tensor) -> tf.Tensor:
     return logits
 
 
-def objectness_scores(logits: tf.Tensor) -> tf.Tensor:
-    """Foreground probability from [B, N] sigmoid logits or [B, N, 2] softmax logits -> [B, N]."""
-    return tf.sigmoid(objectness_logits(logits))
-
-
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class ProposalGenerator(keras.layers.Layer):
     """Turns RPN outputs into a fixed number of proposals per image (torchvision's order).

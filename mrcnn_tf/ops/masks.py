@@ -65,9 +65,15 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
         masks, boxes = masks[None], tf.convert_to_tensor(boxes)[None]
     if method == "torchvision":
         pasted = _paste_torchvision(masks, boxes, height, width)
-        if threshold is not None:
-            pasted = tf.cast(pasted >= threshold, tf.uint8)
-        return pasted[0] if unbatched else pasted
+    else:
+        pasted = _paste_detectron2(masks, boxes, height, width)
+    if threshold is not None:
+        pasted = tf.cast(pasted >= threshold, tf.uint8)
+    return pasted[0] if unbatched else pasted
+
+
+def _paste_detectron2(masks, boxes, height, width):
+    """detectron2's paste (probabilities) of [B, D, m, m] masks -> [B, D, height, width]."""
     shape = tf.shape(masks)
     batch, num, m_h, m_w = shape[0], shape[1], shape[2], shape[3]
     flat = tf.reshape(tf.cast(masks, tf.float32), tf.stack([-1, m_h, m_w, 1]))
@@ -92,10 +98,7 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width,
     pasted = tf.image.crop_and_resize(flat, crop, tf.range(tf.shape(flat)[0]),
                                       tf.stack([height, width]), method="bilinear",
                                       extrapolation_value=0.0)[..., 0]
-    pasted = tf.reshape(pasted, tf.stack([batch, num, height, width]))
-    if threshold is not None:
-        pasted = tf.cast(pasted >= threshold, tf.uint8)
-    return pasted[0] if unbatched else pasted
+    return tf.reshape(pasted, tf.stack([batch, num, height, width]))
 
 
 def _interp_matrix(start, end, size, m_pad):

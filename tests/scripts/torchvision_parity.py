@@ -218,11 +218,16 @@ def small_overrides() -> list[str]:
             f"model.preprocess.long_size={s['max_size']}"]
 
 
+def parity_overrides(small: bool) -> list[str]:
+    """Overrides of configs/torchvision_r50_fpn.yaml for the parity model: score threshold 0
+    (as box_score_thresh=0 on torchvision's side), and the small widths with ``small``."""
+    return ["model.detection.score_threshold=0.0"] + (small_overrides() if small else [])
+
+
 def our_config(small: bool):
     from mrcnn_tf.config import load_config
 
-    overrides = ["model.detection.score_threshold=0.0"] + (small_overrides() if small else [])
-    return load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", overrides)
+    return load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", parity_overrides(small))
 
 
 def _match(ref_boxes, boxes, tol):

@@ -84,8 +84,15 @@ def main(argv=None) -> int:
         from mrcnn_tf.evaluation.run import CocoEvalCallback
 
         callbacks.append(CocoEvalCallback(config, model_dir, write=is_chief()))
-    summary = train(config, strategy, model_dir, verbose=verbose, extra_callbacks=callbacks,
-                    final_weights=args.final_weights)
+    from mrcnn_tf.data import DataError
+    from mrcnn_tf.weights import WeightsError
+
+    try:
+        summary = train(config, strategy, model_dir, verbose=verbose,
+                        extra_callbacks=callbacks, final_weights=args.final_weights)
+    except (ConfigError, WeightsError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = summary.pop("model")
     class_names = summary.pop("class_names")
     if summary["stopped_on_nan"]:

@@ -65,8 +65,9 @@ class BackboneConfig:
     input_channels: int = opt(3, "image channels: 1 grayscale, 3 RGB, 4 RGB-D, any multispectral",
                               min=1)
     group_norm_groups: int = opt(32, "groups when norm=group_norm (Wu & He, 2018)", min=1)
-    weights: str | None = opt(None, "optional Keras Applications ResNet-50 .h5 file to initialise"
-                              " from; nothing is downloaded")
+    weights: str | None = opt(None, "ImageNet weights to start a new run from: torchvision's"
+                              " resnet50/101 state dict (.pth/.npz) or Keras Applications'"
+                              " ResNet-50 .h5; nothing is downloaded")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ class RPNConfig:
     negative_iou: float = opt(0.3, "anchors with IoU < this are negative", min=0.0, max=1.0)
     allow_low_quality_matches: bool = opt(True, "the best anchor of each object is positive too,"
                                           " so every instance gets one")
-    batch_size_per_image: int = opt(256, "anchors sampled per image for the loss", min=1)
+    batch_size_per_image: int | None = opt(256, "anchors sampled per image for the loss; null ="
+                                           " no sampling: every positive and negative anchor",
+                                           min=1)
     positive_fraction: float = opt(0.5, "at most this fraction positive (1:1, the user's notes)",
                                    min=0.0, max=1.0, min_exclusive=True)
     objectness_loss: str = opt("bce", "log loss (references) or focal loss (the user's notes)",
@@ -183,10 +186,13 @@ class BoxHeadConfig:
                                 " notes use 0.7)", min=0.0, max=1.0)
     background_iou: float = opt(0.5, "RoIs with IoU < this are background (references; the notes"
                                 " use 0.3)", min=0.0, max=1.0)
-    batch_size_per_image: int = opt(512, "RoIs sampled per image (references)", min=1)
+    batch_size_per_image: int | None = opt(512, "RoIs sampled per image (references); null = no"
+                                           " sampling: every proposal and ground-truth box",
+                                           min=1)
     positive_fraction: float = opt(0.25, "foreground fraction (references; the notes' 1:1 is 0.5)",
                                    min=0.0, max=1.0, min_exclusive=True)
-    smooth_l1_beta: float = opt(1.0, "smooth L1 transition of loss_box_reg", min=0.0)
+    smooth_l1_beta: float = opt(0.0, "smooth L1 transition of loss_box_reg: 0 = L1 (detectron2);"
+                                " torchvision's fastrcnn_loss uses 1/9", min=0.0)
     class_loss_weight: float = opt(1.0, "weight of loss_box_class", min=0.0)
     box_loss_weight: float = opt(1.0, "weight of loss_box_reg", min=0.0)
 
@@ -202,6 +208,9 @@ class MaskHeadConfig:
     class_agnostic: bool = opt(False, "one mask for all classes (paper: nearly as good)")
     loss: str = opt("bce", "per-pixel sigmoid BCE (paper) or dice (the notes)",
                     choices=("bce", "dice"))
+    target: str = opt("binary", "mask targets: the RoIAlign of the ground-truth mask (adaptive"
+                      " sampling, model.roi_align.aligned) thresholded at 0.5 (detectron2), or"
+                      " kept soft (torchvision)", choices=("binary", "soft"))
     loss_weight: float = opt(1.0, "weight of loss_mask", min=0.0)
 
 
@@ -244,6 +253,9 @@ class ModelConfig:
     """The Mask R-CNN model."""
 
     num_classes: int = opt(80, "foreground classes (COCO: 80); class 0 is background", min=1)
+    init_from: str | None = opt(None, "start a new run from an earlier model: a run directory,"
+                                " a checkpoint or a .weights.h5; class-dependent layers whose"
+                                " shape differs are re-initialised (fine-tuning)")
     backbone: BackboneConfig = section(BackboneConfig)
     fpn: FPNConfig = section(FPNConfig)
     anchors: AnchorConfig = section(AnchorConfig)
@@ -314,7 +326,12 @@ class TrainConfig:
     reference_batch_size: int = opt(16, "lr is scaled by batch_size / this (linear scaling rule)",
                                     min=1)
     momentum: float = opt(0.9, "SGD momentum (references)", min=0.0, max=1.0)
-    weight_decay: float = opt(1e-4, "L2 weight decay, not on norm or bias (references)", min=0.0)
+    weight_decay: float = opt(1e-4, "L2 weight decay (references); SGD adds it to the gradient"
+                              " as torch.optim.SGD does, AdamW decouples it", min=0.0)
+    weight_decay_params: str = opt("no_norm", "what is decayed: every trainable weight"
+                                   " (torchvision's reference), all but norm gammas/betas"
+                                   " (detectron2), or conv/dense kernels only",
+                                   choices=("all", "no_norm", "kernels"))
     warmup_steps: int = opt(1000, "linear warmup steps (detectron2)", min=0)
     warmup_factor: float = opt(0.001, "lr multiplier at step 0 of warmup (detectron2)", min=0.0,
                                max=1.0)
@@ -412,6 +429,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("data.aug_scale_min must be <= data.aug_scale_max")
     if list(cfg.train.decay_steps) != sorted(cfg.train.decay_steps):
         raise ConfigError("train.decay_steps must be increasing")
+    if m.init_from and m.backbone.weights:
+        raise ConfigError("model.init_from and model.backbone.weights both initialise the"
+                          " backbone: set one of them")
     if m.rpn.objectness_loss == "focal" and m.rpn.objectness != "sigmoid":
         raise ConfigError("model.rpn.objectness_loss=focal needs model.rpn.objectness=sigmoid")
 

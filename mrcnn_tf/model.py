@@ -126,16 +126,20 @@ class MaskRCNN(keras.Model):
 
     # -- training: targets and losses inside the same forward pass -----------------------------
 
-    def forward_train(self, images, targets, training=True):
+    def forward_train(self, images, targets, training=True, return_targets=False):
         """Losses of one batch from the data contract (mrcnn_tf.data.build_dataset).
 
         Args:
-          images: [B, S, S, 3] at the model's scale (resized by the pipeline).
+          images: [B, H, W, 3] at the model's scale (resized by the pipeline), each image's
+            content at the top left.
           targets: ``gt_boxes`` [B, M, 4], ``gt_classes`` [B, M] (-1 padding), ``gt_masks``
-            [B, M, S, S] or mini-masks [B, M, m, m], ``image_info["image_size"]`` [B, 2].
+            [B, M, H, W] or mini-masks [B, M, m, m], ``image_info["image_size"]`` [B, 2].
+          return_targets: also return what the losses were computed against (for inspection).
         Returns:
           {loss_rpn_objectness, loss_rpn_box, loss_box_class, loss_box_reg, loss_mask}, each
-          already weighted, float32.
+          already weighted, float32; with ``return_targets``, (losses, {"rpn": anchor labels
+          and samples of :func:`targets.rpn_targets`, "rois": the sampled RoIs of
+          :func:`targets.sample_rois`, "mask_targets": [B, F, 28, 28]}).
         """
         m = self.cfg.model
         gt_boxes = tf.cast(targets["gt_boxes"], tf.float32)
@@ -158,15 +162,15 @@ class MaskRCNN(keras.Model):
                              m.box_head.batch_size_per_image, m.box_head.positive_fraction)
         box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training)
 
-        n_fg = int(m.box_head.batch_size_per_image * m.box_head.positive_fraction)
-        fg_boxes, fg_classes = rois["boxes"][:, :n_fg], rois["classes"][:, :n_fg]
-        fg = rois["foreground"][:, :n_fg]
-        mask_logits = self.mask_head(self.mask_roi_align(features, fg_boxes), training=training)
-        mask_targets = T.mask_targets(targets["gt_masks"], gt_boxes, fg_boxes,
-                                      rois["matched"][:, :n_fg], mask_logits.shape[2],
-                                      self.cfg.data.mask_mode == "mini")
+        fg = rois["fg"]
+        mask_logits = self.mask_head(self.mask_roi_align(features, fg["boxes"]),
+                                     training=training)
+        mask_targets = T.mask_targets(targets["gt_masks"], gt_boxes, fg["boxes"], fg["matched"],
+                                      pre["image_sizes"], mask_logits.shape[2],
+                                      self.cfg.data.mask_mode == "mini", m.roi_align.aligned,
+                                      soft=m.mask_head.target == "soft")
         r = m.rpn
-        return {
+        losses = {
             "loss_rpn_objectness": r.objectness_loss_weight * L.rpn_objectness_loss(
                 objectness, rt["labels"], rt["sampled"], r.objectness_loss, r.focal_alpha,
                 r.focal_gamma),
@@ -180,8 +184,11 @@ class MaskRCNN(keras.Model):
                 box["box_deltas"], rois["box_targets"], rois["classes"], rois["foreground"],
                 rois["valid"], m.box_head.smooth_l1_beta),
             "loss_mask": m.mask_head.loss_weight * L.mask_loss(
-                mask_logits, mask_targets, fg_classes, fg, m.mask_head.loss),
+                mask_logits, mask_targets, fg["classes"], fg["foreground"], m.mask_head.loss),
         }
+        if return_targets:
+            return losses, {"rpn": rt, "rois": rois, "mask_targets": mask_targets}
+        return losses
 
     def compile(self, optimizer=None, jit_compile=False, **kwargs):
         """Keras compile with this model's defaults: the config's optimiser when none is given,
@@ -238,16 +245,8 @@ class MaskRCNN(keras.Model):
             total = tf.add_n(list(losses.values()))
             scaled = opt.scale_loss(total) if hasattr(opt, "scale_loss") else total
         grads = tape.gradient(scaled, variables)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         loss_scale = tf.cast(opt.dynamic_scale, tf.float32) if hasattr(opt, "dynamic_scale") \
             else 1.0
-        if t.weight_decay > 0 and t.optimizer == "sgd":
-            # Coupled L2 as PyTorch's SGD (through momentum), kernels only; each replica adds
-            # its share because the optimiser sums gradients over replicas.
-            coef = t.weight_decay / replicas
-            grads = [g + tf.cast(coef * loss_scale, g.dtype) * tf.cast(v, g.dtype)
-                     if g is not None and v.path.endswith("kernel") else g
-                     for g, v in zip(grads, variables)]
         if t.clip_norm:
             # Clip the replica-summed gradient: scale every replica's share by one factor.
             norm = tf.sqrt(tf.add_n([L.global_sum(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))

@@ -13,20 +13,23 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.box_coder import BoxCoder
 from mrcnn_tf.ops.boxes import pairwise_iou
-from mrcnn_tf.ops.masks import crop_masks
+from mrcnn_tf.ops.masks import roi_align_masks
 from mrcnn_tf.ops.matcher import Matcher
 from mrcnn_tf.ops.sampler import sample_balanced, sampled_mask
 
 
 def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, matcher: Matcher,
-                coder: BoxCoder, batch_size_per_image: int, positive_fraction: float) -> dict:
+                coder: BoxCoder, batch_size_per_image: int | None, positive_fraction: float
+                ) -> dict:
     """Labels and samples anchors (torchvision's RPN assignment).
 
     Args:
       anchors: [N, 4] for the padded canvas (shared by the batch).
       gt_boxes: [B, M, 4]; gt_valid: [B, M] bool.
+      batch_size_per_image: anchors sampled per image; None: every positive and negative.
     Returns:
-      ``labels`` [B, N] float32 (1 positive, 0 negative), ``sampled`` [B, N] bool (the
+      ``match_labels`` [B, N] int32 (1 positive, 0 negative, -1 ignored), ``labels`` [B, N]
+      float32 (1 positive, else 0), ``sampled`` [B, N] bool (the
       ``batch_size_per_image`` anchors in the loss), ``positive`` [B, N] bool (sampled positives),
       ``box_targets`` [B, N, 4] deltas to the matched ground truth, ``matched_boxes`` [B, N, 4].
     """
@@ -34,10 +37,14 @@ def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, ma
     anchors_b = tf.tile(anchors[None], tf.stack([batch, 1, 1]))
     iou = pairwise_iou(anchors_b, gt_boxes, valid2=gt_valid)
     matched, labels = matcher(iou)
-    sample = sample_balanced(labels, batch_size_per_image, positive_fraction)
-    sampled = sampled_mask(sample, tf.shape(labels)[1])
+    if batch_size_per_image is None:
+        sampled = labels >= 0
+    else:
+        sample = sample_balanced(labels, batch_size_per_image, positive_fraction)
+        sampled = sampled_mask(sample, tf.shape(labels)[1])
     matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
     return {
+        "match_labels": labels,
         "labels": tf.cast(labels >= 1, tf.float32),
         "sampled": sampled,
         "positive": sampled & (labels >= 1),
@@ -48,16 +55,21 @@ def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, ma
 
 def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Tensor,
                 gt_classes: tf.Tensor, gt_valid: tf.Tensor, matcher: Matcher, coder: BoxCoder,
-                batch_size_per_image: int, positive_fraction: float) -> dict:
+                batch_size_per_image: int | None, positive_fraction: float) -> dict:
     """Adds the ground truth to the proposals, matches, samples a fixed number of RoIs.
 
     Args:
       proposals: [B, P, 4] (stop-gradient) with proposal_valid [B, P].
       gt_boxes: [B, M, 4]; gt_classes: [B, M] int32; gt_valid: [B, M] bool.
-    Returns (S = batch_size_per_image, foreground first):
+      batch_size_per_image: S; None: no sampling, every proposal and ground truth (S = P + M).
+    Returns:
       ``boxes`` [B, S, 4]; ``valid`` [B, S]; ``foreground`` [B, S]; ``classes`` [B, S] int32
       (0 background, or the matched class); ``box_targets`` [B, S, 4] deltas; ``matched`` [B, S]
-      int32 ground-truth index.
+      int32 ground-truth index; ``match_labels`` [B, P + M] the labels of all candidates before
+      sampling (1 foreground, 0 background, -1 ignored or padding); and ``fg``: the first five
+      keys for the F rows that can hold foreground RoIs, F = int(S * positive_fraction)
+      (without sampling: the largest positive count of the batch), for the mask head. Rows of
+      ``fg`` whose ``foreground`` is False are padding.
     """
     boxes = tf.concat([tf.stop_gradient(proposals), gt_boxes], axis=1)
     valid = tf.concat([proposal_valid, gt_valid], axis=1)
@@ -71,27 +83,37 @@ def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Te
     fg = sample["is_positive"]
     classes = tf.where(fg, tf.gather(gt_classes, roi_matched, batch_dims=1), 0)
     target_boxes = tf.gather(gt_boxes, roi_matched, batch_dims=1)
-    return {
-        "boxes": rois,
-        "valid": sample["valid"],
-        "foreground": fg,
-        "classes": classes,
-        "box_targets": coder.encode(target_boxes, rois),
-        "matched": roi_matched,
-    }
+    out = {"boxes": rois, "valid": sample["valid"], "foreground": fg, "classes": classes,
+           "matched": roi_matched}
+    # The sampler puts positives first, so the foreground rows are a prefix. Without sampling,
+    # it is as long as the batch's largest positive count: a dynamic size, in a mode meant for
+    # parity checks, which saves running the mask head on thousands of background rows.
+    if batch_size_per_image is None:
+        rows = tf.maximum(tf.reduce_max(sample["num_positive"]), 1)
+    else:
+        rows = int(batch_size_per_image * positive_fraction)
+    out["fg"] = {k: v[:, :rows] for k, v in out.items()}
+    out["box_targets"] = coder.encode(target_boxes, rois)
+    out["match_labels"] = labels
+    return out
 
 
 def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matched: tf.Tensor,
-                 size: int, mini_masks: bool) -> tf.Tensor:
-    """Binary mask targets of the foreground RoIs.
+                 content_sizes: tf.Tensor, size: int, mini_masks: bool, aligned: bool,
+                 soft: bool) -> tf.Tensor:
+    """Mask targets of the foreground RoIs: the RoIAlign (adaptive sampling) of the matched
+    ground-truth mask, soft (torchvision) or thresholded at 0.5 (detectron2).
 
     Args:
       gt_masks: [B, M, H, W] full-frame masks, or [B, M, m, m] mini-masks inside each gt box.
       gt_boxes: [B, M, 4]; rois: [B, R, 4]; matched: [B, R] gt index of each RoI.
+      content_sizes: [B, 2] image content sizes in the full frame.
       size: target side (28).
+      aligned: the recipe's RoIAlign convention (model.roi_align.aligned).
     Returns:
-      [B, R, size, size] float32 in {0, 1} (coverage >= 0.5, as detectron2).
+      [B, R, size, size] float32 in [0, 1] (soft) or {0, 1}.
     """
+    rois = tf.stop_gradient(rois)
     if mini_masks:
         # Express each RoI in the frame of its ground truth's mini-mask.
         gt = tf.gather(gt_boxes, matched, batch_dims=1)
@@ -101,5 +123,6 @@ def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matc
         sx = m / tf.maximum(gx2 - gx1, 1e-6)
         y1, x1, y2, x2 = tf.unstack(rois, 4, axis=-1)
         rois = tf.stack([(y1 - gy1) * sy, (x1 - gx1) * sx, (y2 - gy1) * sy, (x2 - gx1) * sx], -1)
-    crops = crop_masks(gt_masks, tf.stop_gradient(rois), matched, size)
-    return tf.cast(crops >= 0.5, tf.float32)
+        content_sizes = tf.tile(tf.shape(gt_masks)[None, 2:4], [tf.shape(gt_masks)[0], 1])
+    targets = roi_align_masks(gt_masks, rois, matched, content_sizes, size, aligned)
+    return targets if soft else tf.cast(targets >= 0.5, tf.float32)

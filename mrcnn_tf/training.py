@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn_tf.checkpoint import make_checkpoint, restore
-from mrcnn_tf.config import Config, to_dict
+from mrcnn_tf.config import Config, ConfigError, to_dict
 from mrcnn_tf.data import build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
 
@@ -137,6 +137,41 @@ def read_run(model_dir: str, overrides=()):
     return config, latest, ids, names
 
 
+def check_initialisation(config: Config) -> None:
+    """Refuses a new run that would freeze random weights: a backbone with frozen BN or frozen
+    stages (the references' fine-tuning setup) needs ``model.backbone.weights`` or
+    ``model.init_from``. Call it when there is no checkpoint to resume."""
+    m = config.model
+    bb = m.backbone
+    if (bb.norm == "frozen_bn" or bb.freeze_at > 0) and not (bb.weights or m.init_from):
+        frozen = " and ".join(x for x in (
+            "model.backbone.norm=frozen_bn" if bb.norm == "frozen_bn" else "",
+            f"model.backbone.freeze_at={bb.freeze_at}" if bb.freeze_at > 0 else "") if x)
+        raise ConfigError(
+            f"{frozen} keep part of the backbone at its initial values, but this run has no "
+            "model.backbone.weights, no model.init_from and no checkpoint to resume: it would "
+            "train on top of frozen random weights. Set model.backbone.weights=PATH (ImageNet "
+            "weights: torchvision's resnet50 .pth/.npz or Keras Applications' .h5), "
+            "model.init_from=PATH (a run directory, checkpoint or .weights.h5), or train the "
+            "whole backbone from scratch with model.backbone.norm=bn "
+            "model.backbone.freeze_at=0")
+
+
+def initialise(model, config: Config) -> None:
+    """Initial weights of a new run: ``model.init_from`` or ``model.backbone.weights``."""
+    from mrcnn_tf.weights import load_backbone_weights, load_initial_weights
+
+    m = config.model
+    if m.init_from:
+        fresh = load_initial_weights(model, m.init_from)
+        print(f"initialised from {m.init_from}"
+              + (f"; re-initialised (shape differs): {', '.join(fresh)}" if fresh else ""),
+              flush=True)
+    elif m.backbone.weights:
+        n = load_backbone_weights(model, m.backbone.weights)
+        print(f"backbone initialised from {m.backbone.weights} ({n} tensors)", flush=True)
+
+
 def _distributed_dataset(config: Config, strategy, training: bool):
     info = source_info(config, training)
     if strategy.num_replicas_in_sync == 1:
@@ -164,6 +199,9 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     if t.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if latest is None:
+        check_initialisation(config)
     chief = is_chief()
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     if not chief:
@@ -178,12 +216,13 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
 
     checkpoint = make_checkpoint(model, model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     start = 0
     if latest:
         restore(model, latest, model.optimizer)
         start = int(model.optimizer.iterations.numpy())
         print(f"resumed from {latest} at step {start}", flush=True)
+    else:
+        initialise(model, config)
     if chief:
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump(to_dict(config), f, indent=1)

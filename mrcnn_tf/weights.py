@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -167,6 +168,26 @@ def _norm_entries(prefix, layer):
     return [(f"{prefix}.{t}", getattr(layer, k), _identity) for t, k in names]
 
 
+def resnet_mapping(backbone, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(torchvision key, our variable, numpy transform) for every weight of a ResNet backbone:
+    torchvision's ``resnet50``/``resnet101`` names (``conv1``, ``bn1``, ``layerS.B.convI``,
+    ``layerS.B.bnI``, ``layerS.B.downsample.{0,1}``) after ``prefix``."""
+    entries = [(f"{prefix}conv1.weight", backbone.stem_conv.kernel, _conv)]
+    entries += _norm_entries(f"{prefix}bn1", backbone.stem_norm)
+    for s, stage in enumerate(backbone.stages):
+        for b, block in enumerate(stage):
+            p = f"{prefix}layer{s + 1}.{b}"
+            for i, (conv, norm) in enumerate(((block.conv1, block.norm1),
+                                              (block.conv2, block.norm2),
+                                              (block.conv3, block.norm3)), start=1):
+                entries.append((f"{p}.conv{i}.weight", conv.kernel, _conv))
+                entries += _norm_entries(f"{p}.bn{i}", norm)
+            if block.project:
+                entries.append((f"{p}.downsample.0.weight", block.shortcut.kernel, _conv))
+                entries += _norm_entries(f"{p}.downsample.1", block.shortcut_norm)
+    return entries
+
+
 def torchvision_mapping(model) -> list[tuple[str, object, object]]:
     """(torchvision key, our variable, numpy transform) for every weight of ``model``."""
     m = model.cfg.model
@@ -188,21 +209,7 @@ def torchvision_mapping(model) -> list[tuple[str, object, object]]:
     if problems:
         raise WeightsError("the model is not torchvision's Mask R-CNN architecture: "
                            + "; ".join(problems) + " (see configs/torchvision_r50_fpn.yaml)")
-    entries = []
-    bb = model.backbone
-    entries.append(("backbone.body.conv1.weight", bb.stem_conv.kernel, _conv))
-    entries += _norm_entries("backbone.body.bn1", bb.stem_norm)
-    for s, stage in enumerate(bb.stages):
-        for b, block in enumerate(stage):
-            p = f"backbone.body.layer{s + 1}.{b}"
-            for i, (conv, norm) in enumerate(((block.conv1, block.norm1),
-                                              (block.conv2, block.norm2),
-                                              (block.conv3, block.norm3)), start=1):
-                entries.append((f"{p}.conv{i}.weight", conv.kernel, _conv))
-                entries += _norm_entries(f"{p}.bn{i}", norm)
-            if block.project:
-                entries.append((f"{p}.downsample.0.weight", block.shortcut.kernel, _conv))
-                entries += _norm_entries(f"{p}.downsample.1", block.shortcut_norm)
+    entries = resnet_mapping(model.backbone, "backbone.body.")
     fpn = model.fpn
     for i in range(len(fpn.lateral)):
         for torch_name, layer in (("inner_blocks", fpn.lateral[i]),
@@ -244,19 +251,13 @@ def torchvision_mapping(model) -> list[tuple[str, object, object]]:
     return entries
 
 
-def load_torchvision(model, state_dict_or_path) -> int:
-    """Copies torchvision ``maskrcnn_resnet50_fpn`` weights into a built ``model``.
-
-    Every weight of the model must be in the state dict and every (non-counter) key of the state
-    dict must be used; otherwise nothing is assigned and a WeightsError lists the keys. Returns
-    the number of tensors copied. To fine-tune on other classes, load into the 90-class model
-    and then call ``mrcnn_tf.with_num_classes``.
-    """
-    state = read_state_dict(state_dict_or_path)
-    entries = torchvision_mapping(model)
+def _assign_all(entries, state: dict, what: str, ignored=lambda key: False, hint=None) -> int:
+    """Copies ``state`` into the variables of ``entries`` (key, variable, transform), all or
+    nothing: every entry's key must be present with a fitting shape and every key of ``state``
+    used (or ``ignored``); otherwise a WeightsError lists the keys and nothing is assigned."""
     used = {key for key, _, _ in entries}
     missing = sorted(used - set(state))
-    unexpected = sorted(k for k in set(state) - used if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in set(state) - used if not ignored(k))
     errors = []
     if missing:
         errors.append(f"missing from the state dict: {', '.join(missing[:10])}"
@@ -270,13 +271,143 @@ def load_torchvision(model, state_dict_or_path) -> int:
             value = convert(np.asarray(state[key], np.float32))
             expected = tuple(var.shape)
             if value.shape != expected:
-                hint = (" (torchvision's COCO head has 91 logits: model.num_classes=90)"
-                        if "predictor" in key else "")
-                errors.append(f"{key}: torchvision shape {tuple(state[key].shape)} does not fit "
-                              f"{var.path} {expected}{hint}")
+                errors.append(f"{key}: shape {tuple(state[key].shape)} does not fit "
+                              f"{var.path} {expected}{hint(key) if hint else ''}")
             values.append((var, value))
     if errors:
-        raise WeightsError("torchvision weights do not fit the model: " + "; ".join(errors))
+        raise WeightsError(f"{what} do not fit the model: " + "; ".join(errors))
     for var, value in values:
         var.assign(value)
     return len(values)
+
+
+def load_torchvision(model, state_dict_or_path) -> int:
+    """Copies torchvision ``maskrcnn_resnet50_fpn`` weights into a built ``model``.
+
+    Every weight of the model must be in the state dict and every (non-counter) key of the state
+    dict must be used; otherwise nothing is assigned and a WeightsError lists the keys. Returns
+    the number of tensors copied. To fine-tune on other classes, load into the 90-class model
+    and then call ``mrcnn_tf.with_num_classes``.
+    """
+    state = read_state_dict(state_dict_or_path)
+    return _assign_all(
+        torchvision_mapping(model), state, "torchvision weights",
+        ignored=lambda k: k.endswith("num_batches_tracked"),
+        hint=lambda k: (" (torchvision's COCO head has 91 logits: model.num_classes=90)"
+                        if "predictor" in k else ""))
+
+
+# -- initial weights: an ImageNet backbone, or a whole earlier model --------------------------
+
+# Keras Applications' ResNet50 takes BGR images with the "caffe" mean and no std.
+CAFFE_MEAN_RGB = (123.68 / 255.0, 116.779 / 255.0, 103.939 / 255.0)
+CAFFE_STD = (1.0 / 255.0,) * 3
+
+
+def load_backbone_weights(model, path: str) -> int:
+    """Initialises ``model.backbone`` from ImageNet weights (``model.backbone.weights``).
+
+    Accepted files:
+      - torchvision's ``resnet50``/``resnet101`` state dict (``.pth``/``.pt``, read with
+        ``torch.load(weights_only=True)``; or an ``.npz`` of it): every backbone weight is
+        copied, the classifier (``fc.*``) is ignored, and anything missing or left over is an
+        error naming the keys. Needs ``stride_in_1x1: false`` and a BN-type norm.
+      - Keras Applications' ResNet-50 ``.h5``: needs ``stride_in_1x1: true`` and Keras'
+        "caffe" preprocessing, which our RGB preprocessor expresses as ``pixel_mean`` =
+        CAFFE_MEAN_RGB and ``pixel_std`` = CAFFE_STD; the stem kernel's input channels are
+        reversed so that the model keeps taking RGB images.
+    Returns the number of tensors copied.
+    """
+    from mrcnn_tf.layers.backbone import load_keras_applications_resnet50
+
+    m = model.cfg.model
+    if path.endswith(".h5"):
+        pp = m.preprocess
+        if not (np.allclose(pp.pixel_mean, CAFFE_MEAN_RGB) and np.allclose(pp.pixel_std,
+                                                                           CAFFE_STD)):
+            raise WeightsError(
+                f"{path}: Keras Applications weights expect Keras' 'caffe' preprocessing; set "
+                f"model.preprocess.pixel_mean={[round(v, 8) for v in CAFFE_MEAN_RGB]} and "
+                f"model.preprocess.pixel_std={[round(v, 8) for v in CAFFE_STD]}")
+        try:
+            load_keras_applications_resnet50(model.backbone, path)
+        except ValueError as e:
+            raise WeightsError(f"model.backbone.weights: {e}") from None
+        stem = model.backbone.stem_conv.kernel
+        stem.assign(stem.numpy()[:, :, ::-1, :])  # BGR -> RGB input channels
+        return len(model.backbone.weights)
+    problems = []
+    if m.backbone.stride_in_1x1:
+        problems.append("model.backbone.stride_in_1x1 must be false (torchvision's ResNet has "
+                        "its stride on the 3x3 conv)")
+    if m.backbone.norm not in ("frozen_bn", "bn", "sync_bn"):
+        problems.append(f"model.backbone.norm={m.backbone.norm} cannot take batch-norm "
+                        "statistics; use frozen_bn or bn")
+    if problems:
+        raise WeightsError(f"{path}: " + "; ".join(problems))
+    state = read_state_dict(path)
+    return _assign_all(resnet_mapping(model.backbone), state,
+                       f"ImageNet ResNet weights from {path}",
+                       ignored=lambda k: k.startswith("fc.")
+                       or k.endswith("num_batches_tracked"))
+
+
+def load_initial_weights(model, path: str) -> list[str]:
+    """Initialises every weight of ``model`` from an earlier model (``model.init_from``): a run
+    directory (its latest checkpoint), a training checkpoint prefix, or a ``.weights.h5`` file.
+
+    Class-dependent layers whose shape differs (fine-tuning on other classes) keep their fresh
+    initialisation; any other difference is an error naming the weights. The optimiser state
+    and the step are not taken: training starts at step 0. Returns the paths of the weights
+    left freshly initialised.
+    """
+    import tensorflow as tf
+
+    from mrcnn_tf.checkpoint import weight_tensor_name
+    from mrcnn_tf.model import CLASS_DEPENDENT, _rel_path
+
+    if path.endswith(".weights.h5") and os.path.isfile(path):
+        class_weights = [w for w in model.weights
+                         if _rel_path(w.path).startswith(CLASS_DEPENDENT)]
+        before = [w.numpy().copy() for w in class_weights]
+        with warnings.catch_warnings():  # Keras lists the skipped layers; we return them
+            warnings.simplefilter("ignore", UserWarning)
+            model.load_weights(path, skip_mismatch=True)
+        return [w.path for w, b in zip(class_weights, before) if np.array_equal(w.numpy(), b)]
+    if not (os.path.isdir(path) or os.path.exists(path + ".index")):
+        raise FileNotFoundError(f"model.init_from: {path} is not a run directory, a checkpoint "
+                                "(no .index file) or a .weights.h5 file")
+    checkpoint = path
+    if os.path.isdir(path):
+        checkpoint = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+        if checkpoint is None:
+            raise FileNotFoundError(f"model.init_from: {path} has no checkpoints/ with a "
+                                    "checkpoint (a train.py or convert_torchvision run "
+                                    "directory, a checkpoint prefix or a .weights.h5 file)")
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+    except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as e:
+        raise WeightsError(f"model.init_from: {checkpoint} is not a readable checkpoint "
+                           f"({type(e).__name__})") from None
+    shapes = reader.get_variable_to_shape_map()
+    values, skipped, errors = [], [], []
+    for w in model.weights:
+        rel = _rel_path(w.path)
+        name = weight_tensor_name(rel)
+        if name not in shapes:
+            errors.append(f"{rel} is not in the checkpoint")
+        elif tuple(shapes[name]) != tuple(w.shape):
+            if rel.startswith(CLASS_DEPENDENT):
+                skipped.append(w.path)
+            else:
+                errors.append(f"{rel}: {tuple(shapes[name])} in the checkpoint, "
+                              f"{tuple(w.shape)} in the model")
+        else:
+            values.append((w, name))
+    if errors:
+        raise WeightsError(f"model.init_from: {checkpoint} does not fit the model: "
+                           + "; ".join(errors[:10])
+                           + (f" and {len(errors) - 10} more" if len(errors) > 10 else ""))
+    for w, name in values:
+        w.assign(reader.get_tensor(name))
+    return skipped

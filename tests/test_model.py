@@ -152,6 +152,17 @@ def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_mod
     third.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, name="sgd"))
     restore(third, legacy, third.optimizer)
     assert int(third.optimizer.iterations.numpy()) == 5
+    # Into today's optimiser (torch's momentum buffer, not Keras' -lr * buffer): weights and
+    # step carry over, the momentum restarts from zero.
+    fourth = mrcnn_tf.build_model(shapes_model.cfg)
+    fourth.compile()
+    for v in fourth.optimizer.momentum_buffers:
+        v.assign(tf.ones_like(v))
+    restore(fourth, legacy, fourth.optimizer)
+    assert int(fourth.optimizer.iterations.numpy()) == 5
+    assert all(not v.numpy().any() for v in fourth.optimizer.momentum_buffers)
+    for a, b in zip(old.weights, fourth.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_handles_freeze_and_new_num_classes(shapes_model):

@@ -56,10 +56,11 @@ def test_mask_targets_full_and_mini_agree():
     gt_boxes = tf.constant([[[16.0, 16.0, 48.0, 48.0]]])
     rois = tf.constant([[[16.0, 16.0, 48.0, 48.0], [16.0, 16.0, 48.0, 32.0]]])
     matched = tf.zeros([1, 2], tf.int32)
-    a = T.mask_targets(full, gt_boxes, rois, matched, 28, mini_masks=False).numpy()
+    sizes = tf.constant([[64, 64]])
+    a = T.mask_targets(full, gt_boxes, rois, matched, sizes, 28, False, True, False).numpy()
     mini = np.zeros((1, 1, 56, 56), np.uint8)
     mini[0, 0, :, :28] = 1  # the same mask inside its box
-    b = T.mask_targets(mini, gt_boxes, rois, matched, 28, mini_masks=True).numpy()
+    b = T.mask_targets(mini, gt_boxes, rois, matched, sizes, 28, True, True, False).numpy()
     assert a[0, 0, :, :14].all() and not a[0, 0, :, 14:].any()
     assert a[0, 1].all()  # RoI = the mask's extent
     np.testing.assert_array_equal(a, b)

@@ -125,12 +125,15 @@ def test_schedule_warmup_and_steps():
     np.testing.assert_allclose(got, [2e-5, 0.010010, 0.02, 0.002, 2e-4], rtol=1e-4)
 
 
-def test_weight_decay_only_on_kernels_and_lr_scaling():
-    # First SGD step (momentum buffers empty): update = lr * (grad + wd * w) for kernels and
-    # lr * grad elsewhere. Two models with the same weights and the same random sampling
-    # differ by exactly lr * wd * w on kernels and not at all on biases and norms.
+@pytest.mark.parametrize("params", ["all", "no_norm", "kernels"])
+def test_weight_decay_params_and_lr_scaling(params):
+    # First SGD step (momentum buffers empty): update = lr * (grad + wd * w) for the decayed
+    # variables and lr * grad elsewhere. Two models with the same weights and the same random
+    # sampling differ by exactly lr * wd * w on the variables train.weight_decay_params selects
+    # (the shapes model has conv/dense kernels and biases and BN gammas/betas) and not at all
+    # elsewhere.
     common = ["train.base_learning_rate=0.01", "train.warmup_steps=0",
-              "train.reference_batch_size=4"]
+              "train.reference_batch_size=4", f"train.weight_decay_params={params}"]
     cfg, decayed = _model(common + ["train.weight_decay=0.5"])
     _, plain = _model(common + ["train.weight_decay=0.0"])
     plain.set_weights(decayed.get_weights())
@@ -142,15 +145,15 @@ def test_weight_decay_only_on_kernels_and_lr_scaling():
         tf.random.set_seed(11)
         model.train_step(batch)
     after_plain = {w.path: w.numpy() for w in plain.trainable_weights}
-    kernels = 0
+    kinds = {"kernel": 0, "bias": 0, "gamma": 0, "beta": 0}
+    selected = {"all": set(kinds), "no_norm": {"kernel", "bias"}, "kernels": {"kernel"}}[params]
     for w in decayed.trainable_weights:
+        kind = w.path.rsplit("/", 1)[-1]
+        kinds[kind] += 1
         diff = w.numpy() - after_plain[w.path]
-        if w.path.endswith("kernel"):
-            kernels += 1
-            np.testing.assert_allclose(diff, -lr * 0.5 * before[w.path], atol=1e-6)
-        else:
-            np.testing.assert_allclose(diff, 0.0, atol=1e-7)
-    assert kernels > 20
+        expected = -lr * 0.5 * before[w.path] if kind in selected else 0.0
+        np.testing.assert_allclose(diff, expected, atol=1e-6, err_msg=w.path)
+    assert min(kinds.values()) > 5, kinds
 
 
 def test_mixed_bfloat16_step():
@@ -293,3 +296,99 @@ def test_train_and_eval_under_mirrored_then_eval_mode(tmp_path):
     assert "evaluation:" in res.stdout and '"step": 4' in res.stdout
     with open(os.path.join(model_dir, "metrics.json")) as f:
         assert [e["step"] for e in json.load(f)] == [2, 4, 4]
+
+
+def test_frozen_backbone_without_initial_weights_is_refused_before_building(tmp_path):
+    from mrcnn_tf.config import ConfigError
+    from mrcnn_tf.training import train
+
+    cfg = mrcnn_tf.load_config(REPO / "configs" / "torchvision_r50_fpn.yaml",
+                               ["model.backbone.name=resnet_small"])
+    model_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"norm=frozen_bn and model\.backbone\.freeze_at=2.*"
+                                          r"model\.backbone\.weights=PATH"):
+        train(cfg, tf.distribute.get_strategy(), str(model_dir))
+    assert not model_dir.exists() or not any(model_dir.iterdir())  # nothing built or written
+    res = _run_train(str(model_dir), 1, ["model.backbone.norm=frozen_bn"])
+    assert res.returncode == 2 and "model.backbone.norm=frozen_bn keep part" in res.stderr
+
+
+def _save_run(model, run_dir):
+    """A run directory as train.py leaves it: checkpoints/ckpt-N."""
+    from mrcnn_tf.checkpoint import make_checkpoint
+
+    return tf.train.CheckpointManager(make_checkpoint(model, model.optimizer),
+                                      str(run_dir / "checkpoints"), 1).save(7)
+
+
+@pytest.mark.parametrize("source", ["run_dir", "checkpoint", "weights_h5"])
+def test_init_from_takes_every_weight_and_reinitialises_other_class_layers(tmp_path, source):
+    from mrcnn_tf.model import CLASS_DEPENDENT, _rel_path
+    from mrcnn_tf.weights import load_initial_weights
+
+    _, old = _model(seed=1)
+    path = {"run_dir": str(tmp_path), "checkpoint": _save_run(old, tmp_path),
+            "weights_h5": str(tmp_path / "old.weights.h5")}[source]
+    if source == "weights_h5":
+        old.save_weights(path)
+    _, new = _model(["model.num_classes=5"], seed=2)
+    fresh = {w.path: w.numpy().copy() for w in new.weights}
+    skipped = load_initial_weights(new, path)
+    old_weights = {_rel_path(w.path): w.numpy() for w in old.weights}
+    class_paths = []
+    for w in new.weights:
+        rel = _rel_path(w.path)
+        if rel.startswith(CLASS_DEPENDENT):
+            class_paths.append(w.path)
+            np.testing.assert_array_equal(w.numpy(), fresh[w.path])
+        else:
+            np.testing.assert_array_equal(w.numpy(), old_weights[rel], err_msg=rel)
+    assert sorted(skipped) == sorted(class_paths) and len(skipped) == 6
+
+
+def test_init_from_refuses_other_architectures_by_weight(tmp_path):
+    from mrcnn_tf.weights import WeightsError, load_initial_weights
+
+    _, old = _model()
+    _save_run(old, tmp_path)
+    _, wider = _model(["model.fpn.channels=32", "model.rpn.conv_channels=32"])
+    with pytest.raises(WeightsError, match=r"fpn/lateral\d/kernel: \(1, 1, \d+, 64\) in the "
+                                           r"checkpoint, \(1, 1, \d+, 32\) in the model"):
+        load_initial_weights(wider, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nothing is not a run directory, a checkpoint"):
+        load_initial_weights(wider, str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no checkpoints/"):
+        load_initial_weights(wider, str(tmp_path / "empty"))
+
+
+def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared_data):
+    """The README's path: convert torchvision's COCO model (its reduced-width fixture here),
+    then train.py --set model.init_from=RUN on a COCO-format dataset with other classes: the
+    frozen backbone is accepted because it is initialised, the class layers are re-initialised
+    and named, and training runs."""
+    from mrcnn_tf.tools.convert_torchvision import convert
+    from tests.scripts import torchvision_parity as tp
+
+    with np.load(REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz") as f:
+        np.savez(tmp_path / "tv.npz", **{k[3:]: f[k] for k in f.files if k.startswith("sd/")})
+    convert(str(tmp_path / "tv.npz"), str(tmp_path / "coco"), None, tp.small_overrides())
+    tiny = shared_data / "coco_tiny16"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config",
+         str(REPO / "configs" / "torchvision_r50_fpn.yaml"), "--mode", "train", "--model_dir",
+         str(tmp_path / "ft"), "--verbose", "0", "--set", *tp.small_overrides(),
+         f"model.init_from={tmp_path / 'coco'}", "model.num_classes=80",
+         f"data.train.annotation_file={tiny}/instances_train2017.json",
+         f"data.train.image_dir={tiny}/train2017", "data.image_size=320", "train.batch_size=1",
+         "train.steps=2", "train.checkpoint_every=2", "model.rpn.post_nms_topk_train=200",
+         "model.rpn.pre_nms_topk_train=200"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"initialised from {tmp_path / 'coco'}; re-initialised (shape differs): " in res.stdout
+    for layer in ("box_head/class_logits/kernel", "box_head/box_deltas/kernel",
+                  "mask_head/mask_logits/kernel"):
+        assert layer in res.stdout
+    with open(tmp_path / "ft" / "summary.json") as f:
+        assert json.load(f)["final_step"] == 2

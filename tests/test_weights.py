@@ -6,6 +6,7 @@ torchvision Mask R-CNN with seeded random weights, its state dict and each stage
 real COCO image. These tests need no torch.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,16 @@ import sys
 import numpy as np
 import pytest
 
+from mrcnn_tf.config import load_config
 from mrcnn_tf.model import build_model
-from mrcnn_tf.weights import WeightsError, load_torchvision, read_state_dict
+from mrcnn_tf.weights import (
+    CAFFE_MEAN_RGB,
+    CAFFE_STD,
+    WeightsError,
+    load_backbone_weights,
+    load_torchvision,
+    read_state_dict,
+)
 from tests.conftest import REPO
 from tests.scripts import torchvision_parity as tp
 
@@ -105,8 +114,6 @@ def test_wrong_class_count_names_the_layer_and_the_fix(state):
 
 
 def _with(config, **model_fields):
-    import dataclasses
-
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_fields))
 
 
@@ -198,3 +205,86 @@ def test_exported_converted_model_serves_torchvision_detections(state_npz, tmp_p
     inter = (masks & ref_masks).sum(axis=(1, 2))
     union = np.maximum((masks | ref_masks).sum(axis=(1, 2)), 1)
     assert (inter / union).min() >= 0.99
+
+
+# -- initial weights: model.backbone.weights ----------------------------------------------------
+
+def _imagenet_state(state):
+    """The fixture's ResNet as torchvision's ImageNet classifier stores it: the backbone's keys
+    without "backbone.body.", plus a classifier that loading must ignore."""
+    out = {k[len("backbone.body."):]: v for k, v in state.items()
+           if k.startswith("backbone.body.")}
+    out["fc.weight"] = np.zeros((1000, 512), np.float32)
+    out["fc.bias"] = np.zeros(1000, np.float32)
+    return out
+
+
+def test_backbone_weights_equal_torchvision_resnet_on_a_real_image(state, tmp_path):
+    """model.backbone.weights with a torchvision ResNet state dict (.npz here; .pth reads the
+    same way through torch.load(weights_only=True)): C2..C5 of our backbone equal the
+    torchvision ResNet's on the fixture's real COCO image."""
+    from mrcnn_tf.training import initialise
+
+    path = tmp_path / "resnet_small.npz"
+    np.savez(path, **_imagenet_state(state))
+    config = load_config(REPO / "configs" / "torchvision_r50_fpn.yaml",
+                         tp.parity_overrides(small=True) + [f"model.backbone.weights={path}"])
+    model = build_model(config)
+    before = [w.numpy().copy() for w in model.fpn.weights]
+    initialise(model, config)
+    with np.load(FIXTURE) as f:
+        feats = model.backbone(f["input"])
+        for lv in range(2, 6):
+            ref = f[f"c{lv}"]
+            rel = np.abs(feats[f"c{lv}"].numpy() - ref).max() / np.abs(ref).max()
+            assert rel <= 1e-4, (lv, rel)
+    for a, b in zip(before, model.fpn.weights):  # only the backbone is initialised
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_backbone_weights_that_do_not_fit_are_refused_by_key(state, tmp_path):
+    imagenet = _imagenet_state(state)
+    del imagenet["layer3.0.bn2.running_var"]
+    imagenet["layer5.0.conv1.weight"] = np.zeros(3, np.float32)
+    path = tmp_path / "broken.npz"
+    np.savez(path, **imagenet)
+    model = build_model(tp.our_config(small=True))
+    with pytest.raises(WeightsError, match=r"layer3\.0\.bn2\.running_var.*layer5\.0\.conv1"):
+        load_backbone_weights(model, str(path))
+    deep = build_model(_with(tp.our_config(small=True), backbone=dataclasses.replace(
+        tp.our_config(small=True).model.backbone, name="resnet50")))
+    good = tmp_path / "good.npz"
+    np.savez(good, **_imagenet_state(state))
+    with pytest.raises(WeightsError, match=r"missing from the state dict: layer1\.1\."):  # R50
+        load_backbone_weights(deep, str(good))
+    gn = _with(tp.our_config(small=True), backbone=dataclasses.replace(
+        tp.our_config(small=True).model.backbone, norm="group_norm", group_norm_groups=4))
+    with pytest.raises(WeightsError, match="norm=group_norm"):
+        load_backbone_weights(build_model(gn), str(good))
+
+
+def test_keras_applications_backbone_weights_take_rgb_images(tmp_path):
+    """Keras Applications' ResNet-50 .h5 through model.backbone.weights: the config must use
+    Keras' caffe preprocessing (refused otherwise, naming the keys), and our backbone on an RGB
+    image equals Keras' network on the BGR image it was trained on."""
+    import keras
+
+    ref = keras.applications.ResNet50(include_top=False, weights=None,
+                                      input_shape=(None, None, 3))
+    path = str(tmp_path / "resnet50.weights.h5")
+    ref.save_weights(path)
+    base = load_config(REPO / "configs" / "coco_r50_fpn_1x.yaml",
+                       ["model.backbone.stride_in_1x1=true"])
+    with pytest.raises(WeightsError, match=r"model\.preprocess\.pixel_mean=\[0\.48"):
+        load_backbone_weights(build_model(base), path)
+    config = load_config(REPO / "configs" / "coco_r50_fpn_1x.yaml", [
+        "model.backbone.stride_in_1x1=true",
+        f"model.preprocess.pixel_mean={list(CAFFE_MEAN_RGB)}",
+        f"model.preprocess.pixel_std={list(CAFFE_STD)}"])
+    model = build_model(config)
+    load_backbone_weights(model, path)
+    rgb = np.random.default_rng(0).uniform(-50, 50, (1, 64, 96, 3)).astype(np.float32)
+    ours = model.backbone(rgb)["c5"].numpy()
+    probe = keras.Model(ref.input, ref.get_layer("conv5_block3_out").output)
+    theirs = np.asarray(probe(rgb[..., ::-1]))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1.0, np.abs(theirs).max()))

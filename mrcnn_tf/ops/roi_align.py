@@ -22,6 +22,11 @@ Then an average pool over each bin's ``ratio x ratio`` points gives the referenc
 
 Adaptive sampling (``sampling_ratio=0``, a ratio per RoI) is not offered: it makes the number of
 sample points depend on the data, which a static graph cannot express.
+
+The gradient to the features is our own (:func:`crop_and_resize`): TensorFlow's CPU kernel for
+the gradient of crop_and_resize w.r.t. the image adds from several threads into the same pixels
+without synchronisation (tensorflow/tensorflow#42033) and loses updates: 1.6% of the gradient's
+norm for 3000 RoIs on a 2-core machine, where torchvision's roi_align backward is exact.
 """
 
 from __future__ import annotations
@@ -43,6 +48,76 @@ def _sample_span(start, length, bins: int, ratio: int):
     n = bins * ratio
     step = length / float(n)
     return start + 0.5 * step, start + (n - 0.5) * step
+
+
+def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_size):
+    """The gradient of ``tf.image.crop_and_resize`` (bilinear, extrapolation outside [0, size -
+    1]) w.r.t. its image: each crop sample's gradient split onto its four neighbours with the
+    bilinear weights, summed by ``unsorted_segment_sum`` (exact on every device).
+
+    Args:
+      grads: [R, h, w, C]; boxes: [R, 4] normalised; box_indices: [R] int32;
+      image_shape: [N, H, W, C] int32; crop_size: (h, w) ints.
+    Returns:
+      [N, H, W, C] float32.
+    """
+    n, height, width = image_shape[0], image_shape[1], image_shape[2]
+
+    def axis(lo, hi, size, out: int):
+        """Neighbour indices, weights and in-range flags along one axis, each [R, out], with
+        the kernel's own arithmetic (crop_and_resize_op.cc)."""
+        extent = tf.cast(size - 1, tf.float32)
+        if out > 1:
+            step = (hi - lo)[:, None] * extent / (out - 1)
+            pos = lo[:, None] * extent + tf.range(out, dtype=tf.float32)[None, :] * step
+        else:
+            pos = (0.5 * (lo + hi) * extent)[:, None]
+        inside = tf.cast((pos >= 0.0) & (pos <= extent), tf.float32)
+        low = tf.floor(pos)
+        frac = pos - low
+        low = tf.clip_by_value(tf.cast(low, tf.int32), 0, size - 1)
+        return ((low, (1.0 - frac) * inside), (tf.minimum(low + 1, size - 1), frac * inside))
+
+    rows = axis(boxes[:, 0], boxes[:, 2], height, crop_size[0])
+    cols = axis(boxes[:, 1], boxes[:, 3], width, crop_size[1])
+    base = tf.cast(box_indices, tf.int32)[:, None, None] * height
+    grads = tf.cast(grads, tf.float32)
+    channels = tf.shape(grads)[3]
+    total = 0.0
+    for yy, wy in rows:
+        for xx, wx in cols:
+            weight = wy[:, :, None] * wx[:, None, :]  # [R, h, w]
+            index = (base + yy[:, :, None]) * width + xx[:, None, :]
+            total += tf.math.unsorted_segment_sum(
+                tf.reshape(grads * weight[..., None], tf.stack([-1, channels])),
+                tf.reshape(index, [-1]), n * height * width)
+    return tf.reshape(total, image_shape)
+
+
+def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, crop_size
+                    ) -> tf.Tensor:
+    """``tf.image.crop_and_resize`` (bilinear, zero extrapolation) with an exact gradient to
+    ``image`` (see the module docstring); no gradient to ``boxes``.
+
+    Args:
+      image: [N, H, W, C] float32; boxes: [R, 4] normalised (y1, x1, y2, x2);
+      box_indices: [R] int32; crop_size: (h, w) ints.
+    Returns:
+      [R, h, w, C] float32.
+    """
+
+    @tf.custom_gradient
+    def forward(image):
+        out = tf.image.crop_and_resize(image, tf.stop_gradient(boxes), box_indices, crop_size,
+                                       method="bilinear", extrapolation_value=0.0)
+
+        def grad(dy):
+            return _crop_and_resize_image_grad(dy, boxes, box_indices, tf.shape(image),
+                                               crop_size)
+
+        return out, grad
+
+    return forward(image)
 
 
 def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,
@@ -88,9 +163,8 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
     norm_w = tf.cast(shape[2] + 1, tf.float32)
     crop_boxes = tf.stack([(first_y + 1.0) / norm_h, (first_x + 1.0) / norm_w,
                            (last_y + 1.0) / norm_h, (last_x + 1.0) / norm_w], axis=-1)
-    crops = tf.image.crop_and_resize(padded, crop_boxes, tf.cast(box_indices, tf.int32),
-                                     [out_h * ratio, out_w * ratio], method="bilinear",
-                                     extrapolation_value=0.0)  # float32
+    crops = crop_and_resize(padded, crop_boxes, tf.cast(box_indices, tf.int32),
+                            (out_h * ratio, out_w * ratio))  # float32
     if ratio > 1:
         # The mean of each ratio x ratio block of samples. An average pool, not a reduce_mean over
         # a [R, out_h, ratio, out_w, ratio, C] view: the strided reduction was the slowest op of

@@ -18,13 +18,14 @@ def _random_keys(shape, seed):
     return tf.random.stateless_uniform(shape, seed=seed, minval=0.0, maxval=1.0)
 
 
-def sample_balanced(labels: tf.Tensor, num_samples: int, positive_fraction: float, seed=None
-                    ) -> dict:
+def sample_balanced(labels: tf.Tensor, num_samples: int | None, positive_fraction: float,
+                    seed=None) -> dict:
     """Samples up to ``num_samples`` rows per image: positives first, then negatives.
 
     Args:
       labels: [B, N] int; 1 (or any value >= 1) positive, 0 negative, -1 ignored (padding too).
-      num_samples: S, rows per image.
+      num_samples: S, rows per image; None: no sampling, every positive then every negative row
+        in index order (S = N, ``positive_fraction`` unused).
       positive_fraction: at most ``int(S * positive_fraction)`` positives; negatives fill up to S.
       seed: optional [2] int seed for ``tf.random.stateless_uniform``; None uses the global RNG.
     Returns:
@@ -36,6 +37,8 @@ def sample_balanced(labels: tf.Tensor, num_samples: int, positive_fraction: floa
     negatives (all 3): valid [T, T, T, T], is_positive [T, F, F, F].
     """
     labels = tf.convert_to_tensor(labels)
+    if num_samples is None:
+        return _take_all(labels)
     batch = tf.shape(labels)[0]
     n = tf.shape(labels)[1]
     pos = labels >= 1
@@ -64,6 +67,20 @@ def sample_balanced(labels: tf.Tensor, num_samples: int, positive_fraction: floa
         "is_positive": take_pos,
         "num_positive": num_pos,
         "num_negative": num_neg,
+    }
+
+
+def _take_all(labels: tf.Tensor) -> dict:
+    """sample_balanced's result when nothing is sampled away: all positives, then negatives."""
+    rank = tf.where(labels >= 1, 2, tf.where(tf.equal(labels, 0), 1, 0))
+    indices = tf.argsort(rank, axis=1, direction="DESCENDING", stable=True)
+    sorted_rank = tf.gather(rank, indices, batch_dims=1)
+    return {
+        "indices": tf.where(sorted_rank > 0, indices, 0),
+        "valid": sorted_rank > 0,
+        "is_positive": sorted_rank == 2,
+        "num_positive": tf.reduce_sum(tf.cast(rank == 2, tf.int32), axis=1),
+        "num_negative": tf.reduce_sum(tf.cast(rank == 1, tf.int32), axis=1),
     }
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align, roi_levels
+from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align, roi_align_flat, roi_levels
 from tests.ops import reference
 
 # detectron2's test: 5x5 map of 0..24, box x1=y1=1, x2=y2=3, 4x4 output (DESIGN.md section 3).
@@ -132,3 +132,54 @@ def test_multilevel_in_tf_function_and_padding():
     fn = tf.function(lambda b: multilevel_roi_align(feats, b, 7))
     out = fn(tf.zeros([2, 5, 4]))
     assert out.shape == (2, 5, 7, 7, 2) and np.isfinite(out.numpy()).all()
+
+
+def _bilinear_adjoint(grads, points, index, shape):
+    """The exact gradient of bilinear sampling at ``points`` [R, h, w, 2] (y, x) w.r.t. the map,
+    in float64, with roi_align's border rules: each sample's gradient spread on its four
+    neighbours (torchvision's roi_align backward)."""
+    out = np.zeros(shape)
+    y, x = points[..., 0], points[..., 1]
+    keep = (y >= -1) & (y <= shape[1]) & (x >= -1) & (x <= shape[2])
+    y, x = np.maximum(y, 0.0), np.maximum(x, 0.0)
+    y0 = np.minimum(np.floor(y), shape[1] - 1).astype(int)
+    x0 = np.minimum(np.floor(x), shape[2] - 1).astype(int)
+    ly = np.where(y0 == shape[1] - 1, 0.0, y - y0)
+    lx = np.where(x0 == shape[2] - 1, 0.0, x - x0)
+    y1, x1 = np.minimum(y0 + 1, shape[1] - 1), np.minimum(x0 + 1, shape[2] - 1)
+    b = np.broadcast_to(index[:, None, None], y.shape)
+    for yy, xx, w in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x1, (1 - ly) * lx),
+                      (y1, x0, ly * (1 - lx)), (y1, x1, ly * lx)):
+        np.add.at(out, (b[keep], yy[keep], xx[keep]), (w[..., None] * grads)[keep])
+    return out
+
+
+def test_gradient_to_features_is_exact_with_many_overlapping_rois():
+    """2000 RoIs of 14 x 14 samples on a 20x24 map (every pixel receives gradient from many
+    RoIs): the gradient equals the exact adjoint. TensorFlow's own CPU gradient of
+    crop_and_resize adds from several threads into the same pixels unsynchronised and loses
+    updates (1-2% of the gradient's norm in this case on 2 cores); ours sums with
+    unsorted_segment_sum."""
+    rng = np.random.default_rng(0)
+    feat = tf.constant(rng.standard_normal((2, 20, 24, 32)).astype(np.float32))
+    n = 2000
+    y1, x1 = rng.uniform(-2, 19, n), rng.uniform(-2, 23, n)
+    boxes = np.stack([y1, x1, y1 + rng.uniform(0.5, 12, n), x1 + rng.uniform(0.5, 12, n)], -1)
+    index = rng.integers(0, 2, n).astype(np.int32)
+    upstream = rng.standard_normal((n, 14, 14, 32))
+    with tf.GradientTape() as tape:
+        tape.watch(feat)
+        out = roi_align_flat(feat, boxes.astype(np.float32), index, 14, sampling_ratio=1,
+                             aligned=True)
+        loss = tf.reduce_sum(out * upstream.astype(np.float32))
+    grad = tape.gradient(loss, feat).numpy()
+    # Sample points of sampling_ratio 1, aligned: bin centres of the half-pixel-shifted RoI.
+    b = boxes.astype(np.float32).astype(np.float64) - 0.5
+    centre = (np.arange(14) + 0.5) / 14
+    ys = b[:, None, 0] + centre[None] * (b[:, 2] - b[:, 0])[:, None]
+    xs = b[:, None, 1] + centre[None] * (b[:, 3] - b[:, 1])[:, None]
+    points = np.stack(np.broadcast_arrays(ys[:, :, None], xs[:, None, :]), -1)
+    ref = _bilinear_adjoint(upstream, points, index, feat.shape)
+    rel = np.linalg.norm(grad - ref) / np.linalg.norm(ref)
+    print(f"gradient vs exact adjoint: {rel:.2e}")
+    assert rel < 1e-5

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.anchors import multilevel_anchors
 from mrcnn_tf.ops.box_coder import BoxCoder
-from mrcnn_tf.ops.masks import paste_masks
+from mrcnn_tf.ops.masks import paste_masks, roi_align_masks
 from mrcnn_tf.ops.nms import non_max_suppression
 from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align_flat
 from tests.conftest import REPO
@@ -83,3 +83,19 @@ def test_torchvision_paste_equals_torchvision(tv):
 def test_fixture_is_torchvision_output(tv):
     assert str(tv["torchvision_version"]).startswith("0.")
     assert tf.constant(tv["anchors"]).shape[-1] == 4
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_mask_targets_equal_torchvision_adaptive_roi_align(tv, aligned):
+    """roi_align_masks = torchvision's roi_align(sampling_ratio=-1) of 0/1 masks: the mask
+    targets of project_masks_on_boxes (aligned=False) and of detectron2 (aligned=True)."""
+    masks = tv["mask_targets_masks"]
+    h, w = masks.shape[1:]
+    out = roi_align_masks(masks[None], tv["mask_targets_boxes"][None],
+                          tv["mask_targets_index"][None], [[h, w]], 28, aligned).numpy()[0]
+    ref = tv[f"mask_targets_{int(aligned)}"]
+    soft = ((ref > 0.01) & (ref < 0.99)).mean()
+    assert soft > 0.01 and (ref.max(axis=(1, 2)) == 0).any()  # soft edges and empty RoIs occur
+    diff = np.abs(out - ref).max()
+    print(f"mask targets aligned={aligned}: max |ours - torchvision| = {diff:.2e}")
+    assert diff <= 1e-5

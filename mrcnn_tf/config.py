@@ -301,6 +301,9 @@ class DataConfig:
     max_instances: int = opt(100, "ground-truth rows per image M (padded with class -1)", min=1)
     mask_mode: str = opt("full", "full-frame masks or box-cropped mini-masks (saves memory)",
                          choices=("full", "mini"))
+    mask_resize: str = opt("bilinear", "how masks follow their image's resize: bilinear then >= 0.5"
+                           " (close to re-rasterising the polygon), or torchvision's nearest"
+                           " (row floor(i * in / out))", choices=("bilinear", "nearest"))
     mini_mask_size: int = opt(56, "side of mini-masks", min=1)
     hflip: bool = opt(True, "random horizontal flip in training (references)")
     aug_scale_min: float = opt(1.0, "scale jitter lower bound (1.0 = off, the 1x recipe)",

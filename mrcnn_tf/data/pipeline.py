@@ -65,6 +65,7 @@ def transform_params(config: Config) -> TransformParams:
     return TransformParams(canvas=d.image_size, resize=pp.resize, short_size=pp.short_size,
                            long_size=pp.long_size, square_size=pp.square_size,
                            max_instances=d.max_instances, mask_mode=d.mask_mode,
+                           mask_resize=d.mask_resize,
                            mini_mask_size=d.mini_mask_size, hflip=d.hflip,
                            aug_scale_min=d.aug_scale_min, aug_scale_max=d.aug_scale_max,
                            image_dtype=d.image_dtype)

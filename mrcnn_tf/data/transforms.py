@@ -26,6 +26,7 @@ class TransformParams:
     square_size: int
     max_instances: int
     mask_mode: str  # "full" | "mini"
+    mask_resize: str  # "bilinear" | "nearest"
     mini_mask_size: int
     hflip: bool
     aug_scale_min: float
@@ -36,6 +37,24 @@ class TransformParams:
 def _flip_boxes(boxes, width):
     y1, x1, y2, x2 = tf.unstack(boxes, 4, axis=-1)
     return tf.stack([y1, width - x2, y2, width - x1], axis=-1)
+
+
+def _nearest_rows(size_in, size_out):
+    """torch's ``interpolate(mode="nearest")`` source index of each output row:
+    min(floor(i * (in / out)), in - 1), in float32 as torch computes it."""
+    scale = tf.cast(size_in, tf.float32) / tf.cast(size_out, tf.float32)
+    rows = tf.floor(tf.cast(tf.range(size_out), tf.float32) * scale)
+    return tf.minimum(tf.cast(rows, tf.int32), size_in - 1)
+
+
+def _resize_masks(masks, size, method: str):
+    """[n, H, W] 0/1 masks -> [n, h, w] uint8 at ``size`` (h, w)."""
+    if method == "nearest":
+        shape = tf.shape(masks)
+        masks = tf.gather(masks, _nearest_rows(shape[1], size[0]), axis=1)
+        return tf.cast(tf.gather(masks, _nearest_rows(shape[2], size[1]), axis=2), tf.uint8)
+    masks = tf.image.resize(tf.cast(masks, tf.float32)[..., None], size, method="bilinear")
+    return tf.cast(masks[..., 0] >= 0.5, tf.uint8)
 
 
 def transform(example: dict, p: TransformParams, training: bool) -> tuple:
@@ -61,8 +80,7 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
 
     image = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear")
     boxes = boxes * tf.tile(scale, [2])[None, :]
-    masks = tf.image.resize(tf.cast(masks, tf.float32)[..., None], new, method="bilinear")[..., 0]
-    masks = tf.cast(masks >= 0.5, tf.uint8)
+    masks = _resize_masks(masks, new, p.mask_resize)
 
     if training and p.hflip:
         flip = tf.random.uniform([]) < 0.5

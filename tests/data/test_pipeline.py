@@ -195,3 +195,32 @@ def test_masks_map_back_to_the_original_annotations(shared_data):
           f"box vs mask max {max(box_err):.2f} px")
     assert ious.min() >= 0.9
     assert np.percentile(box_err, 95) <= 2.5  # COCO boxes hug the polygons within ~1 px
+
+
+def test_mask_resize_nearest_picks_torchvisions_rows_and_columns(shared_data):
+    """data.mask_resize=nearest: each resized mask is the original (pycocotools) mask sampled at
+    rows and columns floor(i * in / out), torchvision's interpolate(mode="nearest"); bilinear
+    differs from it at the boundaries."""
+    from pycocotools.coco import COCO
+
+    ann_file, image_dir = _coco_paths(shared_data, "coco_tiny16")
+    coco = COCO(ann_file)
+    outs = {}
+    for method in ("nearest", "bilinear"):
+        cfg = coco_config(ann_file, image_dir, 800, [
+            "model.num_classes=80", "data.max_instances=64", "eval.batch_size=1",
+            f"data.mask_resize={method}", "model.preprocess.resize=short_long",
+            "model.preprocess.short_size=600", "model.preprocess.long_size=800"])
+        outs[method] = _collect(build_dataset(cfg, training=False).take(4))
+    differing = 0
+    for (_, t, info), (_, tb, _) in zip(outs["nearest"], outs["bilinear"]):
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=int(info["image_id"])))
+                if not a["iscrowd"]]
+        (h, w), (ch, cw) = info["original_size"], info["image_size"]
+        rows = np.minimum(np.floor(np.arange(ch, dtype=np.float32) * np.float32(h / ch)), h - 1)
+        cols = np.minimum(np.floor(np.arange(cw, dtype=np.float32) * np.float32(w / cw)), w - 1)
+        for k, a in enumerate(anns):
+            expected = coco.annToMask(a)[rows.astype(int)][:, cols.astype(int)]
+            np.testing.assert_array_equal(t["gt_masks"][k][:ch, :cw], expected)
+            differing += int((tb["gt_masks"][k] != t["gt_masks"][k]).sum())
+    assert differing > 0

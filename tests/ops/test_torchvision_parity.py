@@ -99,3 +99,13 @@ def test_mask_targets_equal_torchvision_adaptive_roi_align(tv, aligned):
     diff = np.abs(out - ref).max()
     print(f"mask targets aligned={aligned}: max |ours - torchvision| = {diff:.2e}")
     assert diff <= 1e-5
+
+
+def test_nearest_mask_resize_equals_torchvision(tv):
+    """data.mask_resize=nearest picks the rows and columns torchvision's transform picks
+    (interpolate, mode nearest) for real COCO resizes and down-scales."""
+    from mrcnn_tf.data.transforms import _nearest_rows
+
+    for n_in, n_out in tv["nearest_pairs"]:
+        ours = _nearest_rows(int(n_in), int(n_out)).numpy()
+        np.testing.assert_array_equal(ours, tv[f"nearest_{n_in}_{n_out}"], err_msg=(n_in, n_out))

@@ -294,8 +294,15 @@ class DataConfig:
 
     train: SourceConfig = section(SourceConfig)
     eval: SourceConfig = field(default_factory=_eval_source, metadata={"doc": "evaluation split"})
-    image_size: int = opt(1024, "padded square side S of the pipeline's images [B, S, S, 3];"
-                          " images are resized as model.preprocess says, then padded", min=32)
+    image_size: int = opt(1024, "side S of the one square canvas [B, S, S, 3] when"
+                          " data.canvas_long_sides is null; images are resized as"
+                          " model.preprocess says, then padded", min=32)
+    canvas_long_sides: tuple[int, ...] | None = opt(
+        None, "batch images by aspect ratio onto canvases S x L (landscape) and L x S"
+        " (portrait), S = model.preprocess.short_size rounded up to size_divisibility, one per"
+        " long side L listed; each image goes to the smallest that holds it, so a batch computes"
+        " about the pixels torchvision's padded batch does. null: one square canvas of"
+        " data.image_size (Model Garden's recipe; TPUs)", min=32)
     image_dtype: str = opt("float32", "dtype of the pipeline's images (values 0..255)",
                            choices=("float32", "uint8"))
     max_instances: int = opt(100, "ground-truth rows per image M (padded with class -1)", min=1)

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn_tf import keras_compat
 from mrcnn_tf import losses as L
 from mrcnn_tf import targets as T
 from mrcnn_tf.config import Config, config_from_dict, to_dict
@@ -203,6 +204,16 @@ class MaskRCNN(keras.Model):
             optimizer = build_optimizer(self.cfg.train)
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        if self.train_function is None or force:
+            self.train_function = keras_compat.step_function(self, self.train_step, "training")
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is None or force:
+            self.test_function = keras_compat.step_function(self, self.test_step, "test")
+        return self.test_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3.15's fit() averages the first data batch over replicas to trace a symbolic

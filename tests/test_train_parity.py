@@ -4,9 +4,10 @@ tests/fixtures/torchvision_train_small.npz was written by
 ``tests/scripts/torchvision_train_parity.py reference --small`` (torch 2.14.1, torchvision 0.29.1)
 from six real COCO photos (portrait, tall portrait, square, very wide, 4:3, 2:1): torchvision's
 reduced-width Mask R-CNN (the weights of torchvision_maskrcnn_small.npz, FrozenBatchNorm2d, conv1
-and layer1 frozen) in training mode; its losses with sampling off, its sampled counts with
-sampling on, the gradients of a two-image batch and its momentum buffers after two steps of the
-reference recipe (SGD 0.9, weight decay 1e-4, warmup factor 0.001, lr 0.02).
+and layer1 frozen) in training mode; its losses with sampling off (padded as torchvision pads,
+and padded to the canvases our grouped pipeline uses), its sampled counts with sampling on, the
+gradients of a two-image batch and its momentum buffers after two steps of the reference recipe
+(SGD 0.9, weight decay 1e-4, warmup factor 0.001, lr 0.02).
 """
 
 import json
@@ -23,6 +24,11 @@ def test_training_path_equals_torchvision():
     print(json.dumps({k: v for k, v in r.items() if "counts" not in k}, indent=1))
     assert len(r["images"]) >= 5 and len({tuple(s) for s in r["images"]}) == len(r["images"])
     for key, rel in r["loss_rel_diff_max"].items():
+        assert rel <= 1e-4, key
+    # On the canvases of our grouped pipeline (some larger than torchvision's own padding).
+    padded = [[-(-s // 32) * 32 for s in size] for size in r["images"]]
+    assert any(c != p for c, p in zip(r["canvases"], padded))
+    for key, rel in r["canvas_loss_rel_diff_max"].items():
         assert rel <= 1e-4, key
     assert r["batch_loss_rel_diff_max"] <= 1e-4
     assert r["trainable"][0] == r["trainable"][1] > 50 and r["trainable"][2] == 0

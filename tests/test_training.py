@@ -380,7 +380,7 @@ def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared
          str(tmp_path / "ft"), "--verbose", "0", "--set", *tp.small_overrides(),
          f"model.init_from={tmp_path / 'coco'}", "model.num_classes=80",
          f"data.train.annotation_file={tiny}/instances_train2017.json",
-         f"data.train.image_dir={tiny}/train2017", "data.image_size=320", "train.batch_size=1",
+         f"data.train.image_dir={tiny}/train2017", "train.batch_size=1",
          "train.steps=2", "train.checkpoint_every=2", "model.rpn.post_nms_topk_train=200",
          "model.rpn.pre_nms_topk_train=200"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -392,3 +392,66 @@ def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared
         assert layer in res.stdout
     with open(tmp_path / "ft" / "summary.json") as f:
         assert json.load(f)["final_step"] == 2
+
+
+def _small_torchvision(shared_data, extra=()):
+    """The reduced-width torchvision model with its fixture's weights (80 fresh classes), on
+    coco_tiny16."""
+    from mrcnn_tf.weights import load_torchvision
+    from tests.scripts import torchvision_parity as tp
+
+    tiny = shared_data / "coco_tiny16"
+    cfg = mrcnn_tf.load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", [
+        *tp.small_overrides(), "model.num_classes=90", "train.batch_size=2",
+        f"data.train.annotation_file={tiny}/instances_train2017.json",
+        f"data.train.image_dir={tiny}/train2017", "data.max_instances=32",
+        "data.train.source=coco", *extra])
+    keras.utils.set_random_seed(0)
+    model = mrcnn_tf.build_model(cfg)
+    with np.load(REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz") as f:
+        load_torchvision(model, {k[3:]: f[k] for k in f.files if k.startswith("sd/")})
+    model = mrcnn_tf.with_num_classes(model, 80)
+    return model.cfg, model
+
+
+def test_grouped_batch_losses_combine_single_image_losses(shared_data):
+    """A batch of two photos on one canvas, sampling off: each loss of the batch is the
+    count-weighted mean of the two images' own losses on that canvas (no leakage between the
+    images of a batch, the references' normalisation)."""
+    cfg, model = _small_torchvision(shared_data, [
+        "model.rpn.batch_size_per_image=null", "model.box_head.batch_size_per_image=null",
+        "data.hflip=false"])
+    images, targets = next(iter(build_dataset(cfg, training=True)))
+
+    def run(sl):
+        part = tf.nest.map_structure(lambda t: t[sl], targets)
+        losses, t = model.forward_train(images[sl], part, training=True, return_targets=True)
+        counts = {"loss_rpn_objectness": t["rpn"]["sampled"], "loss_rpn_box": t["rpn"]["sampled"],
+                  "loss_box_class": t["rois"]["valid"], "loss_box_reg": t["rois"]["valid"],
+                  "loss_mask": t["rois"]["foreground"]}
+        return ({k: float(v) for k, v in losses.items()},
+                {k: float(tf.reduce_sum(tf.cast(v, tf.float32))) for k, v in counts.items()})
+
+    both, n_both = run(slice(0, 2))
+    singles = [run(slice(b, b + 1)) for b in range(2)]
+    for k in LOSS_KEYS:
+        combined = sum(loss[k] * n[k] for loss, n in singles) / n_both[k]
+        assert n_both[k] == sum(n[k] for _, n in singles)
+        assert both[k] == pytest.approx(combined, rel=1e-5), k
+
+
+def test_fit_traces_once_per_canvas(shared_data, caplog):
+    """model.fit over batches of several canvases: one trace of the training step per canvas
+    shape (static shapes), each logged, and the losses stay finite."""
+    import logging
+
+    cfg, model = _small_torchvision(shared_data, ["model.rpn.post_nms_topk_train=300"])
+    model.compile()
+    with caplog.at_level(logging.INFO, logger="mrcnn_tf"):
+        hist = model.fit(build_dataset(cfg, training=True), steps_per_epoch=8, epochs=1,
+                         verbose=0)
+    traced = [r.getMessage() for r in caplog.records if "tracing the training step" in r.message]
+    print("\n".join(traced))
+    shapes = [m.split("input shape ")[1] for m in traced]
+    assert len(shapes) == len(set(shapes)) >= 2
+    assert all(np.isfinite(v[-1]) for v in hist.history.values())

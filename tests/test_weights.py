@@ -173,7 +173,7 @@ def test_converted_run_evaluates_in_torchvision_label_space(state_npz, tmp_path,
     tiny = shared_data / "coco_tiny16"
     config = load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", overrides + [
         f"data.eval.annotation_file={tiny}/instances_train2017.json",
-        f"data.eval.image_dir={tiny}/train2017", "eval.num_images=4", "data.image_size=320"])
+        f"data.eval.image_dir={tiny}/train2017", "eval.num_images=4"])
     results = evaluate_model_dir(config, str(out))
     assert results["step"] == 0 and results["num_images"] == 4
     assert 0.0 <= results["bbox"]["AP"] <= 1.0

@@ -55,17 +55,47 @@ def source_info(config: Config, training: bool) -> SourceInfo:
     return SourceInfo([str(i) for i in range(1, n + 1)], list(range(1, n + 1)), None)
 
 
+def canvases(config: Config) -> tuple:
+    """The training and evaluation canvases ((H, W), ...) by increasing area: one square of
+    data.image_size, or, with data.canvas_long_sides, S x L and L x S for each long side L
+    (S = model.preprocess.short_size rounded up to size_divisibility).
+
+    Example: short 800, long sides (800, 1088, 1344) -> ((800, 800), (800, 1088), (1088, 800),
+    (800, 1344), (1344, 800)).
+    """
+    d, pp = config.data, config.model.preprocess
+    if d.canvas_long_sides is None:
+        need = pp.square_size if pp.resize == "square" else pp.long_size
+        if d.image_size < need:
+            raise ConfigError(f"data.image_size ({d.image_size}) is smaller than the resized "
+                              f"images (model.preprocess: {pp.resize}, up to {need} px); raise "
+                              f"it to at least {need}")
+        return ((d.image_size, d.image_size),)
+    if pp.resize != "short_long":
+        raise ConfigError("data.canvas_long_sides needs model.preprocess.resize=short_long (a "
+                          "square resize fills one square canvas: set it to null)")
+    div = pp.size_divisibility
+    short = -(-pp.short_size // div) * div
+    sides = list(d.canvas_long_sides)
+    longest = -(-pp.long_size // div) * div
+    if sides != sorted(set(sides)) or any(s % div or s < short for s in sides):
+        raise ConfigError(f"data.canvas_long_sides {sides}: needs increasing multiples of "
+                          f"model.preprocess.size_divisibility ({div}), each >= {short} (the "
+                          "short side rounded up)")
+    if sides[-1] < longest:
+        raise ConfigError(f"data.canvas_long_sides: the largest ({sides[-1]}) must hold the "
+                          f"longest resized side, model.preprocess.long_size rounded up: "
+                          f"{longest}")
+    out = {(short, side) for side in sides} | {(side, short) for side in sides}
+    return tuple(sorted(out, key=lambda c: (c[0] * c[1], c[0])))
+
+
 def transform_params(config: Config) -> TransformParams:
     d, pp = config.data, config.model.preprocess
-    need = pp.square_size if pp.resize == "square" else pp.long_size
-    if d.image_size < need:
-        raise ConfigError(f"data.image_size ({d.image_size}) is smaller than the resized images "
-                          f"(model.preprocess: {pp.resize}, up to {need} px); raise it to at "
-                          f"least {need}")
-    return TransformParams(canvas=d.image_size, resize=pp.resize, short_size=pp.short_size,
-                           long_size=pp.long_size, square_size=pp.square_size,
-                           max_instances=d.max_instances, mask_mode=d.mask_mode,
-                           mask_resize=d.mask_resize,
+    return TransformParams(canvases=canvases(config), resize=pp.resize,
+                           short_size=pp.short_size, long_size=pp.long_size,
+                           square_size=pp.square_size, max_instances=d.max_instances,
+                           mask_mode=d.mask_mode, mask_resize=d.mask_resize,
                            mini_mask_size=d.mini_mask_size, hflip=d.hflip,
                            aug_scale_min=d.aug_scale_min, aug_scale_max=d.aug_scale_max,
                            image_dtype=d.image_dtype)
@@ -148,9 +178,11 @@ def build_dataset(config: Config, training: bool, batch_size: int | None = None,
     resize rule, so the pipeline's images are already at the model's scale).
 
     Yields:
-      images: [B, S, S, 3] float32 (or uint8) 0..255, resized keeping the aspect ratio, padded.
+      images: [B, H, W, 3] float32 (or uint8) 0..255, resized keeping the aspect ratio and
+        padded to the batch's canvas (H, W), one of :func:`canvases` (static [B, S, S, 3] with
+        one square canvas).
       targets: ``gt_boxes`` [B, M, 4] float32 (y1, x1, y2, x2) pixels of the padded frame;
-        ``gt_classes`` [B, M] int32 (1..N, -1 padding); ``gt_masks`` [B, M, S, S] uint8 (or
+        ``gt_classes`` [B, M] int32 (1..N, -1 padding); ``gt_masks`` [B, M, H, W] uint8 (or
         [B, M, m, m] mini-masks inside each box); ``image_info``: ``image_id`` [B] int64,
         ``original_size`` [B, 2], ``image_size`` [B, 2] (content size), ``scale`` [B, 2].
       Training batches drop the remainder (static shapes); evaluation keeps every image.
@@ -194,7 +226,16 @@ def build_dataset(config: Config, training: bool, batch_size: int | None = None,
     if training:
         ds = ds.repeat()
     ds = ds.map(lambda e: transform(e, params, training), num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    if len(params.canvases) == 1:
+        ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    else:
+        # Batches of one canvas each (torchvision's GroupedBatchSampler, detectron2's
+        # AspectRatioGroupedDataset, with a fixed set of shapes).
+        ds = ds.group_by_window(
+            key_func=lambda image, _: tf.cast(tf.shape(image)[0] * 100000 + tf.shape(image)[1],
+                                              tf.int64),
+            reduce_func=lambda _, window: window.batch(batch_size, drop_remainder=training),
+            window_size=batch_size)
     options = tf.data.Options()
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = (

@@ -1,5 +1,5 @@
 """Per-image transforms in TensorFlow: resize keeping the aspect ratio, scale jitter, horizontal
-flip, crop, pad to a static canvas, and pad instances to ``max_instances``.
+flip, crop, pad to one of a few fixed canvases, and pad instances to ``max_instances``.
 
 A decoded example is a dict: ``image`` [H, W, 3] uint8, ``boxes`` [n, 4] float32 (y1, x1, y2, x2)
 pixels, ``classes`` [n] int32 (1..N), ``masks`` [n, H, W] uint8, ``image_id`` int64.
@@ -19,7 +19,7 @@ from mrcnn_tf.ops.masks import crop_masks
 class TransformParams:
     """Everything the per-image transform needs, read from the config by the pipeline."""
 
-    canvas: int  # S: output images are [S, S, 3]
+    canvases: tuple  # ((H, W), ...) by increasing area: each image goes to the first that holds it
     resize: str  # "short_long" | "square" (the model's preprocess.resize)
     short_size: int
     long_size: int
@@ -57,11 +57,26 @@ def _resize_masks(masks, size, method: str):
     return tf.cast(masks[..., 0] >= 0.5, tf.uint8)
 
 
+def choose_canvas(size, canvases) -> tf.Tensor:
+    """Index of the first (smallest) canvas that holds an image of ``size`` (h, w); the last
+    (largest) when none does (the image is then cropped).
+
+    Example: canvases ((800, 800), (800, 1088), (1088, 800), (800, 1344), (1344, 800)):
+    800x1066 -> 1 (800x1088), 1066x800 -> 2, 750x1333 -> 3, 800x800 -> 0.
+    """
+    heights = tf.constant([c[0] for c in canvases], tf.int32)
+    widths = tf.constant([c[1] for c in canvases], tf.int32)
+    fits = (heights >= size[0]) & (widths >= size[1])
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    return tf.where(tf.reduce_any(fits), first, len(canvases) - 1)
+
+
 def transform(example: dict, p: TransformParams, training: bool) -> tuple:
-    """Decoded example -> (image [S, S, 3], targets) with static shapes.
+    """Decoded example -> (image [H, W, 3], targets) on its canvas (H, W) (the one
+    :func:`choose_canvas` picks for its resized size; static [S, S] with one square canvas).
 
     targets: ``gt_boxes`` [M, 4] float32 pixels of the padded frame, ``gt_classes`` [M] int32
-    (-1 padding), ``gt_masks`` [M, S, S] uint8 (full) or [M, m, m] uint8 (mini: the mask inside
+    (-1 padding), ``gt_masks`` [M, H, W] uint8 (full) or [M, m, m] uint8 (mini: the mask inside
     its box), ``image_info``: {``image_id`` int64, ``original_size`` [2] int32, ``image_size``
     [2] int32 content size in the canvas, ``scale`` [2] float32 resized / original}.
     """
@@ -73,6 +88,7 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
     orig = shape[:2]
     new, _ = resized_sizes(orig[None], p.resize, p.short_size, p.long_size, p.square_size)
     new = new[0]
+    canvas = tf.gather(tf.constant(p.canvases, tf.int32), choose_canvas(new, p.canvases))
     if training and (p.aug_scale_min != 1.0 or p.aug_scale_max != 1.0):
         jitter = tf.random.uniform([], p.aug_scale_min, p.aug_scale_max)
         new = tf.maximum(tf.cast(tf.round(tf.cast(new, tf.float32) * jitter), tf.int32), 1)
@@ -90,7 +106,7 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
         boxes = tf.cond(flip, lambda: _flip_boxes(boxes, width), lambda: boxes)
 
     # Crop to the canvas when the (jittered) image is larger: random window in training.
-    size = tf.minimum(new, p.canvas)
+    size = tf.minimum(new, canvas)
     room = new - size
     if training:
         offset = tf.cast(tf.floor(tf.random.uniform([2]) * tf.cast(room + 1, tf.float32)),
@@ -107,8 +123,9 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
     boxes, classes = tf.boolean_mask(boxes, keep), tf.boolean_mask(classes, keep)
     masks = tf.boolean_mask(masks, keep)
 
-    image = tf.pad(image, [[0, p.canvas - size[0]], [0, p.canvas - size[1]], [0, 0]])
-    image = tf.ensure_shape(image, [p.canvas, p.canvas, 3])
+    static = list(p.canvases[0]) if len(p.canvases) == 1 else [None, None]
+    image = tf.pad(image, [[0, canvas[0] - size[0]], [0, canvas[1] - size[1]], [0, 0]])
+    image = tf.ensure_shape(image, static + [3])
     if p.image_dtype == "uint8":
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -119,8 +136,8 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
         masks = tf.cast(masks >= 0.5, tf.uint8)
         mask_shape = [m, p.mini_mask_size, p.mini_mask_size]
     else:
-        masks = tf.pad(masks, [[0, 0], [0, p.canvas - size[0]], [0, p.canvas - size[1]]])
-        mask_shape = [m, p.canvas, p.canvas]
+        masks = tf.pad(masks, [[0, 0], [0, canvas[0] - size[0]], [0, canvas[1] - size[1]]])
+        mask_shape = [m] + static
     boxes, classes, masks = boxes[:m], classes[:m], masks[:m]
     pad = m - tf.minimum(n, m)
     targets = {

@@ -224,3 +224,64 @@ def test_mask_resize_nearest_picks_torchvisions_rows_and_columns(shared_data):
             np.testing.assert_array_equal(t["gt_masks"][k][:ch, :cw], expected)
             differing += int((tb["gt_masks"][k] != t["gt_masks"][k]).sum())
     assert differing > 0
+
+
+def test_canvases_by_aspect_ratio_and_their_validation():
+    from mrcnn_tf.data.pipeline import canvases
+    from mrcnn_tf.data.transforms import choose_canvas
+
+    tv = str(REPO / "configs" / "torchvision_r50_fpn.yaml")
+    cfg = load_config(tv, ["data.canvas_long_sides=[800, 1088, 1344]"])
+    got = canvases(cfg)
+    assert got == ((800, 800), (800, 1088), (1088, 800), (800, 1344), (1344, 800))
+    for size, index in (((800, 1066), 1), ((1066, 800), 2), ((750, 1333), 3), ((800, 800), 0),
+                        ((800, 1089), 3), ((1333, 454), 4)):
+        assert int(choose_canvas(tf.constant(size), got)) == index, size
+    assert canvases(load_config(SHAPES)) == ((128, 128),)
+    for sides, match in (("[800, 1088, 1216]", "must hold the longest resized side"),
+                         ("[1088, 800, 1344]", "increasing multiples"),
+                         ("[800, 1000, 1344]", "increasing multiples"),
+                         ("[640, 1344]", r"each >= 800")):
+        with pytest.raises(ConfigError, match=match):
+            canvases(load_config(tv, [f"data.canvas_long_sides={sides}"]))
+    with pytest.raises(ConfigError, match="needs model.preprocess.resize=short_long"):
+        canvases(load_config(SHAPES, ["data.canvas_long_sides=[128]"]))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_real_photos_batch_on_the_smallest_canvas_that_holds_them(shared_data, training):
+    """coco_tiny16 through the torchvision recipe (800/1333, canvases 800 x {800, 1088, 1216,
+    1344}): every batch is one canvas, every image sits on the smallest canvas that holds its
+    resized size (COCO's 640x480 -> 800x1066 on 800x1088, not a 1344 square), its boxes and
+    masks inside its content; evaluation keeps every image."""
+    from mrcnn_tf.data.pipeline import canvases
+
+    ann_file, image_dir = _coco_paths(shared_data, "coco_tiny16")
+    cfg = load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"), [
+        "model.num_classes=80", f"data.train.annotation_file={ann_file}",
+        f"data.train.image_dir={image_dir}", f"data.eval.annotation_file={ann_file}",
+        f"data.eval.image_dir={image_dir}", "data.max_instances=32", "eval.batch_size=2",
+        "train.batch_size=2"])
+    allowed = canvases(cfg)
+    ds = build_dataset(cfg, training=training)
+    seen, shapes, pixels = set(), set(), []
+    for images, t in (ds.take(12) if training else ds):
+        h, w = images.shape[1:3]
+        shapes.add((h, w))
+        assert (h, w) in allowed and t["gt_masks"].shape[2:] == (h, w)
+        for b in range(images.shape[0]):
+            ch, cw = t["image_info"]["image_size"][b].numpy()
+            smallest = next(c for c in allowed if c[0] >= ch and c[1] >= cw)
+            assert (h, w) == smallest, ((h, w), (ch, cw))
+            n = int((t["gt_classes"][b].numpy() >= 0).sum())
+            boxes = t["gt_boxes"][b, :n].numpy()
+            assert (boxes[:, 2] <= ch + 1e-3).all() and (boxes[:, 3] <= cw + 1e-3).all()
+            masks = t["gt_masks"][b, :n].numpy()
+            assert not masks[:, ch:].any() and not masks[:, :, cw:].any()
+            assert masks.reshape(n, -1).any(axis=1).all()
+            seen.add(int(t["image_info"]["image_id"][b]))
+            pixels.append(h * w)
+    if not training:
+        assert len(seen) == 16
+    # Against the 1344 square: about 0.6 of the pixels.
+    assert len(shapes) >= 2 and np.mean(pixels) / (1344 * 1344) < 0.7

@@ -215,7 +215,8 @@ def small_overrides() -> list[str]:
     return ["model.backbone.name=resnet_small", f"model.fpn.channels={s['fpn']}",
             f"model.rpn.conv_channels={s['fpn']}", f"model.box_head.fc_dim={s['fc']}",
             f"model.mask_head.conv_dim={s['mask']}", f"model.preprocess.short_size={s['min_size']}",
-            f"model.preprocess.long_size={s['max_size']}"]
+            f"model.preprocess.long_size={s['max_size']}",
+            "data.canvas_long_sides=[224, 288, 320]"]
 
 
 def parity_overrides(small: bool) -> list[str]:

@@ -9,7 +9,8 @@ Three halves, because torch and TensorFlow live in different virtual environment
   reference (torch + torchvision): torchvision's model as built for pretrained weights
     (FrozenBatchNorm2d, conv1 and layer1 frozen), seeded random weights calibrated as in
     torchvision_parity.py, in training mode. It records, on the transformed (resized) inputs:
-    the losses of each image with sampling off (every anchor, every proposal), the sampled
+    the losses of each image with sampling off (every anchor, every proposal), padded as
+    torchvision pads and padded to the canvas our grouped pipeline gives it, the sampled
     counts per image with sampling on, the gradients of one two-image batch, and the weights
     after two SGD steps of the reference recipe on that batch;
   check (mrcnn_tf): converts the state dict with load_torchvision, feeds our forward_train the
@@ -61,11 +62,14 @@ def inputs(out_path: str, data_dir: str = str(DATA)) -> None:
     from PIL import Image
 
     from mrcnn_tf.data.coco import CocoDataset, rasterize
+    from mrcnn_tf.data.pipeline import canvases
 
     coco = CocoDataset(os.path.join(data_dir, "annotations", "instances_train2017.json"),
                        os.path.join(data_dir, "train2017"))
     records = {os.path.basename(r["file_name"]): r for r in coco.records}
-    out = {}
+    # Our pipeline's canvases (data.canvas_long_sides), for the losses on the grouped path.
+    out = {f"canvases_{'small' if small else 'full'}": np.array(canvases(our_config(small, True)))
+           for small in (True, False)}
     for i, name in enumerate(IMAGES):
         r = records[name]
         out[f"image{i}"] = np.asarray(Image.open(r["file_name"]).convert("RGB"))
@@ -117,6 +121,7 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
     else:
         tp._randomise(model, seed)
     data = dict(np.load(inputs_path))
+    canvases = data[f"canvases_{'small' if small else 'full'}"]
     out = {}
     images, targets = [], []
     for i in range(len(IMAGES)):
@@ -166,7 +171,10 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
         out[f"masks{i}"] = t["masks"].numpy()
         with torch.no_grad():
             losses = model([images[i]], [dict(targets[i])])
-        out[f"losses{i}"] = np.array([float(losses[k]) for k in LOSS_NAMES])
+            out[f"losses{i}"] = np.array([float(losses[k]) for k in LOSS_NAMES])
+            canvas, losses = _on_canvas(model, images[i], targets[i], canvases)
+        out[f"canvas{i}"] = np.array(canvas)
+        out[f"canvas_losses{i}"] = np.array([float(losses[k]) for k in LOSS_NAMES])
 
     # Per image, sampling on (256 anchors at 1:1, 512 RoIs at 25%): candidate and sampled counts.
     _sampling(model, 256, 0.5, 512, 0.25)
@@ -224,6 +232,24 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
     print(f"wrote {out_path} ({os.path.getsize(out_path) / 1e6:.1f} MB)")
 
 
+def _on_canvas(model, image, target, canvases):
+    """torchvision's losses of one image padded, like our grouped batches, to the smallest of
+    ``canvases`` [(H, W), ...] (by area) that holds its resized size."""
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    ims, ts = model.transform([image], [dict(target)])
+    h, w = ims.image_sizes[0]
+    canvas = min((c for c in canvases if c[0] >= h and c[1] >= w), key=lambda c: c[0] * c[1])
+    tensors = torch.zeros(1, 3, int(canvas[0]), int(canvas[1]))
+    tensors[:, :, : ims.tensors.shape[2], : ims.tensors.shape[3]] = ims.tensors
+    padded = ImageList(tensors, ims.image_sizes)
+    feats = model.backbone(padded.tensors)
+    proposals, rpn_losses = model.rpn(padded, feats, ts)
+    _, roi_losses = model.roi_heads(feats, proposals, padded.image_sizes, ts)
+    return [int(c) for c in canvas], {**rpn_losses, **roi_losses}
+
+
 def _imagenet_reference(torch, torchvision, seed: int, pixels) -> dict:
     """torchvision's ImageNet ResNet-50 (seeded random weights and BN statistics, eval mode):
     its state dict and C2..C5 on a real image, for model.backbone.weights."""
@@ -264,11 +290,14 @@ def our_config(small: bool, sampling: bool, overrides=()):
                        tp.parity_overrides(small) + off + list(overrides))
 
 
-def _batch(ref: dict, idx) -> tuple:
-    """Our data contract for images ``idx`` of the reference, padded as torchvision pads."""
+def _batch(ref: dict, idx, canvas=None) -> tuple:
+    """Our data contract for images ``idx`` of the reference, padded as torchvision pads (or to
+    ``canvas`` (H, W))."""
     ims = [ref[f"image{i}"].astype(np.float32) for i in idx]
     h = -(-max(im.shape[0] for im in ims) // 32) * 32
     w = -(-max(im.shape[1] for im in ims) // 32) * 32
+    if canvas is not None:
+        h, w = canvas
     m = max(len(ref[f"labels{i}"]) for i in idx)
     images = np.zeros((len(idx), h, w, 3), np.float32)
     boxes = np.zeros((len(idx), m, 4), np.float32)
@@ -325,15 +354,23 @@ def check(ref_path: str, overrides=(), losses_only: bool = False,
     r = {"images": [list(ref[f"image{i}"].shape[:2]) for i in range(n_images)]}
 
     model = _model(ref, small, sampling=False, overrides=overrides)
-    rel = np.zeros((n_images, len(LOSS_KEYS)))
-    for i in range(n_images):
-        images, targets = _batch(ref, [i])
-        losses = model.forward_train(tf.constant(images), targets, training=True)
-        ours = np.array([float(losses[k]) for k in LOSS_KEYS])
-        rel[i] = np.abs(ours - ref[f"losses{i}"]) / np.maximum(np.abs(ref[f"losses{i}"]), 1e-12)
-    r["loss_rel_diff_max"] = {k: float(rel[:, j].max()) for j, k in enumerate(LOSS_KEYS)}
+
+    def loss_diffs(canvas: bool) -> dict:
+        rel = np.zeros((n_images, len(LOSS_KEYS)))
+        for i in range(n_images):
+            images, targets = _batch(ref, [i], ref[f"canvas{i}"] if canvas else None)
+            losses = model.forward_train(tf.constant(images), targets, training=True)
+            ours = np.array([float(losses[k]) for k in LOSS_KEYS])
+            theirs = ref[f"canvas_losses{i}" if canvas else f"losses{i}"]
+            rel[i] = np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-12)
+        return {k: float(rel[:, j].max()) for j, k in enumerate(LOSS_KEYS)}
+
+    r["loss_rel_diff_max"] = loss_diffs(canvas=False)
     if losses_only:
         return r
+    # The same images on the canvases our grouped pipeline puts them on (both sides padded so).
+    r["canvases"] = [ref[f"canvas{i}"].tolist() for i in range(n_images)]
+    r["canvas_loss_rel_diff_max"] = loss_diffs(canvas=True)
 
     # Gradients of the two-image batch, parameter by parameter (torchvision's names).
     images, targets = _batch(ref, meta["batch"])
@@ -463,6 +500,7 @@ def passes(r: dict) -> bool:
     counts."""
     _, update, floor = r["update_rel_diff_max"]
     return (all(v <= TOLERANCES["loss"] for v in r["loss_rel_diff_max"].values())
+            and all(v <= TOLERANCES["loss"] for v in r["canvas_loss_rel_diff_max"].values())
             and r["batch_loss_rel_diff_max"] <= TOLERANCES["loss"]
             and r["trainable"][2] == 0
             and r["grad_rel_diff_max"][1] <= TOLERANCES["grad"]

@@ -1,0 +1,50 @@
+"""Where MaskRCNN departs from Keras 3.15's TensorFlow trainer, each with its reason and the
+condition for removing it.
+
+1. ``step_function``: the training and test functions that ``fit``/``evaluate`` call. Keras
+   reads each batch inside one ``tf.function`` whose input shapes come from the dataset's
+   element spec, so batches of several canvases (data.canvas_long_sides) would share one trace
+   with unknown height and width. Here the batch is read eagerly and the step is a
+   ``tf.function`` traced once per concrete input shape: one static-shape graph per canvas,
+   a handful in all, each logged when first traced. Remove if Keras traces per input shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tensorflow as tf
+from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+logger = logging.getLogger("mrcnn_tf")
+
+
+def step_function(model, step, what: str):
+    """``fn(iterator) -> logs`` running ``step`` (train_step or test_step) on the next batch
+    under the model's distribution strategy, traced once per input shape."""
+
+    @tf.autograph.experimental.do_not_convert
+    def one_step_on_data(data):
+        images = tf.nest.flatten(data)[0]
+        if isinstance(images, tf.distribute.DistributedValues):
+            images = images.values[0]  # per replica
+        logger.info("tracing the %s step for input shape %s (once per canvas)", what,
+                    tuple(images.shape))
+        outputs = model.distribute_strategy.run(step, args=(data,))
+        return reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
+
+    if not model.run_eagerly:
+        one_step_on_data = tf.function(one_step_on_data, reduce_retracing=False)
+
+    def function(iterator):
+        if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            optional = iterator.get_next_as_optional()
+            if not optional.has_value():
+                raise StopIteration
+            return one_step_on_data(optional.get_value())
+        outputs = None
+        for data in iterator:  # train_on_batch / test_on_batch hand a one-batch generator
+            outputs = one_step_on_data(data)
+        return outputs
+
+    return function

@@ -4,7 +4,9 @@
     python train.py --config configs/coco_r50_fpn_1x.yaml --strategy mirrored \
         --model_dir runs/coco --set data.train.annotation_file=... data.train.image_dir=...
 
-Running it again with the same --model_dir resumes from the latest checkpoint.
+Running it again with the same --model_dir resumes from the latest checkpoint, with the run's own
+configuration (MODEL_DIR/config.json). Exit codes: 0 done, 2 configuration or data error,
+3 stopped on a NaN or Inf loss, 4 the directory is in use by another run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train and evaluate Mask R-CNN (mrcnn_tf).")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: shapes)")
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: the run's own config.json in --model_dir, or "
+                        "configs/shapes.yaml for a new run); on a resumed run it must describe "
+                        "the same model")
     p.add_argument("--strategy", default="default",
                    choices=("default", "one_device", "mirrored", "multi_worker", "tpu"))
     p.add_argument("--tpu", default=None, help="TPU name or grpc address (--strategy tpu)")
@@ -34,19 +39,20 @@ def parse_args(argv=None):
                    help="train_and_eval (default) evaluates every eval.every_n_steps and at the "
                         "end, and draws predictions on a few validation images")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. train.steps=100")
+                   help="config overrides, e.g. train.steps=100; a resumed run may change "
+                        "train.*, data.*, eval.* and export.* only")
     p.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1, 2")
     return p.parse_args(argv)
 
 
 def export_run(model, config, model_dir: str) -> str:
     """Exports the trained model for TF Serving into MODEL_DIR/export/N (the next version)."""
+    from mrcnn_tf.rundir import read_labels
     from mrcnn_tf.serving import export_saved_model, next_version
-    from mrcnn_tf.training import read_label_map
 
     base = os.path.join(model_dir, "export")
     path = os.path.join(base, str(next_version(base)))
-    ids, names = read_label_map(model_dir)
+    ids, names = read_labels(model_dir)
     export_saved_model(model, ids, names, path, tuple(config.export.input_types),
                        config.export.mask_output)
     return path
@@ -55,17 +61,21 @@ def export_run(model, config, model_dir: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mrcnn_tf import load_config
     from mrcnn_tf.config import ConfigError
+    from mrcnn_tf.data import DataError
+    from mrcnn_tf.rundir import RunLockError, resolve_config
+    from mrcnn_tf.weights import WeightsError
 
+    name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
+    model_dir = args.model_dir or os.path.join("runs", name)
     try:
-        config = load_config(args.config, args.set)
+        config, changed = resolve_config(model_dir, args.config, args.set, DEFAULT_CONFIG)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_dir = args.model_dir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(args.config))[0])
-    os.makedirs(model_dir, exist_ok=True)
+    for key in changed:
+        print(f"config: {key} differs from the run's config.json: now {_get(config, key)!r}",
+              flush=True)
 
     from mrcnn_tf.training import is_chief, make_strategy, train
 
@@ -74,7 +84,11 @@ def main(argv=None) -> int:
     if args.mode == "eval":
         from mrcnn_tf.evaluation.run import evaluate_model_dir
 
-        results = evaluate_model_dir(config, model_dir, strategy)
+        try:
+            results = evaluate_model_dir(config, model_dir, strategy)
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         results.pop("per_class")
         print("evaluation: " + json.dumps(results, indent=1), flush=True)
         return 0
@@ -84,36 +98,43 @@ def main(argv=None) -> int:
         from mrcnn_tf.evaluation.run import CocoEvalCallback
 
         callbacks.append(CocoEvalCallback(config, model_dir, write=is_chief()))
-    from mrcnn_tf.data import DataError
-    from mrcnn_tf.weights import WeightsError
-
     try:
-        summary = train(config, strategy, model_dir, verbose=verbose,
-                        extra_callbacks=callbacks, final_weights=args.final_weights)
-    except (ConfigError, WeightsError, DataError, FileNotFoundError) as e:
+        model, summary = train(config, strategy, model_dir, verbose=verbose,
+                               extra_callbacks=callbacks, final_weights=args.final_weights)
+    except RunLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except (ConfigError, WeightsError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = summary.pop("model")
-    class_names = summary.pop("class_names")
     if summary["stopped_on_nan"]:
         print("run summary: " + json.dumps(summary, indent=1), flush=True)
         return 3
     if callbacks:
+        from mrcnn_tf.rundir import read_labels
         from mrcnn_tf.training import draw_validation_predictions
 
         evaluator = callbacks[0]
         evaluator.set_model(model)
-        evaluator._run()  # the final evaluation (skipped if this step was just evaluated)
+        evaluator.evaluate_now()  # the final evaluation (skipped if this step was just done)
         if evaluator.history:
             last = evaluator.history[-1]
             summary["eval"] = {"step": last["step"], "bbox_AP": last["bbox"]["AP"],
                                "segm_AP": last["segm"]["AP"]}
         if is_chief():
+            _, class_names = read_labels(model_dir)
             summary["predictions"] = draw_validation_predictions(model, config, model_dir,
                                                                  class_names)
             summary["saved_model"] = export_run(model, config, model_dir)
     print("run summary: " + json.dumps(summary, indent=1), flush=True)
     return 0
+
+
+def _get(config, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 if __name__ == "__main__":

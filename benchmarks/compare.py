@@ -16,7 +16,14 @@ its process's peak resident memory. Pairs:
 - training step, batch 1 (forward + backward + SGD update), the same pairs and inputs;
 - data pipeline images/s at 1024 px on ../shared/data/coco128 (batch 8, training mode), ours vs
   Model Garden's (reading TFRecords that mrcnn_tf.data.create_tfrecord writes from the same JSON);
-  pipelines prefetch in background threads, so these run one process at a time instead.
+  pipelines prefetch in background threads, so these run one process at a time instead;
+- end-to-end training (``e2e``), what users run, batch 1 and 2 on the coco128 photos, one process
+  at a time like the pipelines: ours is build_dataset + the model's fit train function (its
+  canvases, one trace per canvas), torchvision its reference loop (DataLoader with 2 workers,
+  aspect-ratio grouped batches, its in-model resize and batch padding), Model Garden its input
+  pipeline + its task's train_step (1024 square, ours configured as that model). Each process
+  times its first step, then one warm-up run and one timed run of ``--e2e_steps`` steps: median
+  seconds per step, images/s and peak RSS.
 
 Prints a markdown table with ratios ours/peer and writes the raw numbers as JSON.
 """
@@ -177,8 +184,10 @@ def run_sequential(name: str, workers: list[tuple[str, list[str]]], rounds: int,
                    log_dir: pathlib.Path) -> dict:
     """For input pipelines, whose background threads keep prefetching while idle: one process at a
     time (A alone, then B alone, repeated), each round a fresh process: one warm-up run, then one
-    timed run; images/s per timed run, the first call and peak memory from each process."""
-    result = {label: {"runs": [], "first_calls": [], "rss": []} for label, _ in workers}
+    timed run; images/s per timed run (and seconds per step when the worker reports steps), the
+    first call and peak memory from each process."""
+    result = {label: {"runs": [], "first_calls": [], "rss": [], "step_times": []}
+              for label, _ in workers}
     for r in range(rounds):
         for label, cmd in workers:
             w = Worker(label, cmd, log_dir / f"{name}-{label}-{r}.log")
@@ -188,6 +197,7 @@ def run_sequential(name: str, workers: list[tuple[str, list[str]]], rounds: int,
                 msg = w.send("run")
                 res = result[label]
                 res["runs"].append(msg["images"] / msg["seconds"])
+                res["step_times"] += msg.get("step_times", [])
                 res["first_calls"].append(ready["first_call_s"])
                 res["describe"] = ready.get("describe")
                 res["rss"].append(w.close()["peak_rss_mb"])
@@ -197,6 +207,9 @@ def run_sequential(name: str, workers: list[tuple[str, list[str]]], rounds: int,
         print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
             f"{label} {result[label]['runs'][-1]:.1f} img/s" for label, _ in workers), flush=True)
     for res in result.values():
+        if res["step_times"]:
+            res["images_per_s"] = _stats(res["runs"])
+            res["runs"] = res["step_times"]
         res["stats"] = _stats(res["runs"])
         res["first_call_s"] = statistics.median(res["first_calls"])
         res["peak_rss_mb"] = max(res["rss"])
@@ -210,7 +223,8 @@ def table(results: dict) -> str:
             "peak RSS (MiB) | ours/peer (median) | ours/peer (first call) | ours/peer (RSS) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
-        unit = "img/s" if name.startswith("data") else "s"
+        unit = "img/s" if name.startswith("data") else "s/step" if name.startswith("e2e") \
+            else "s"
         labels = list(res)
         ours, peer = res[labels[0]], res[labels[1]]
         for label in labels:
@@ -221,7 +235,9 @@ def table(results: dict) -> str:
                 ratio = [f"{ours['stats']['median'] / s['median']:.2f}",
                          f"{ours['first_call_s'] / r['first_call_s']:.2f}",
                          f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}"]
-            rows.append(f"| {name} | {label} | {r['first_call_s']:.1f} | {s['median']:.3f} {unit} "
+            ips = f" ({r['images_per_s']['median']:.3f} img/s)" if "images_per_s" in r else ""
+            rows.append(f"| {name} | {label} | {r['first_call_s']:.1f} | {s['median']:.3f} {unit}"
+                        f"{ips} "
                         f"| {s['p25']:.3f}-{s['p75']:.3f} | {s['min']:.3f}-{s['max']:.3f} | "
                         f"{r['peak_rss_mb']:.0f} | " + " | ".join(ratio) + " |")
         del peer
@@ -230,8 +246,12 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="inference,train,data",
-                   help="comma list of inference, train, data")
+    p.add_argument("--only", default="inference,train,data,e2e",
+                   help="comma list of inference, train, data, e2e")
+    p.add_argument("--batches", default="1,2", help="e2e: images per step, comma list")
+    p.add_argument("--e2e_steps", type=int, default=5, help="e2e: timed steps per process")
+    p.add_argument("--e2e_rounds", type=int, default=2,
+                   help="e2e: fresh processes per implementation, one at a time")
     p.add_argument("--peers", default="torchvision,modelgarden")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (inference, data)")
     p.add_argument("--train_rounds", type=int, default=5)
@@ -267,8 +287,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for name, measure, workers in plan:
         tag = f"{measure}-{workers[1][0]}-{name.split(', ')[-1].rstrip(')')}"
-        if measure == "data":
-            results[name] = run_sequential(tag, workers, args.data_rounds, logs)
+        if measure in ("data", "e2e"):
+            rounds = args.data_rounds if measure == "data" else args.e2e_rounds
+            results[name] = run_sequential(tag, workers, rounds, logs)
             continue
         rounds = args.train_rounds if measure == "train" else args.rounds
         results[name] = run_pair(tag, workers, rounds, args.warmup, logs)
@@ -292,6 +313,24 @@ def _plan(args, precision, only, peers, info, inputs):
                 "--inputs", inputs, "--precision", precision, *extra]
 
     plan = []
+    if "e2e" in only and precision == "fp32":
+        for batch in args.batches.split(","):
+            e2e = ["--measure", "e2e", "--batch", batch, "--steps", str(args.e2e_steps),
+                   "--inputs", inputs, "--data_dir", args.data]
+            if "torchvision" in peers:
+                plan.append((f"e2e (torchvision, coco128, batch {batch}, {precision})", "e2e", [
+                    ("ours", ours("e2e", "torchvision", *e2e[2:6], "--data_dir", args.data)),
+                    ("torchvision", [args.torch_python, str(WORKERS / "torchvision_worker.py"),
+                                     *e2e])]))
+            if "modelgarden" in peers:
+                plan.append((f"e2e (Model Garden, coco128, 1024, batch {batch}, {precision})",
+                             "e2e", [
+                                 ("ours", ours("e2e", "modelgarden", *e2e[2:6], "--data_dir",
+                                               args.data)),
+                                 ("modelgarden", [args.modelgarden_python,
+                                                  str(WORKERS / "modelgarden_worker.py"),
+                                                  "--tfrecord", info["coco128_tfrecord"],
+                                                  *e2e[:6], "--inputs", inputs])]))
     if "torchvision" in peers:
         tv = [args.torch_python, str(WORKERS / "torchvision_worker.py"), "--inputs", inputs,
               "--precision", precision]

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         overrides.append(f"model.detection.max_detections={args.max_detections}")
     try:
         if args.model_dir:
-            from mrcnn_tf.training import read_run
+            from mrcnn_tf.rundir import read_run
 
             config, checkpoint, ids, names = read_run(args.model_dir, overrides)
         else:

@@ -2,7 +2,7 @@
 
 The whole system is described by one tree of frozen dataclasses (:class:`Config`). Every option is
 declared with :func:`opt`, which records the default, a one-line description saying why that
-default, and the allowed values. :func:`load_config` reads YAML with ``yaml.safe_load``, applies
+default, and the allowed values. :func:`load_config` reads YAML with a ``yaml.SafeLoader``, applies
 dotted overrides (``"model.rpn.conv_channels=512"``) and validates; any unknown key, wrong type or
 out-of-range value raises :class:`ConfigError` naming the dotted key and what is allowed.
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -515,7 +517,11 @@ def _build(cls, data: Any, prefix: str):
         if dataclasses.is_dataclass(tp):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
             sub = dataclasses.asdict(default)
-            _deep_update(sub, data.get(name) or {}, key)
+            value = data.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{key}: is a section; expected a mapping of its options, got "
+                                  f"{value!r}")
+            _deep_update(sub, value or {}, key)
             kwargs[name] = _build(tp, sub, key)
         elif name in data:
             if isinstance(data[name], dict):
@@ -538,6 +544,28 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python objects) that reads 1e5 as a number, as YAML 1.2 and
+    JSON do (PyYAML's YAML 1.1 resolver wants a dot: 1.0e5), and refuses a key given twice in
+    one mapping instead of keeping the last silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given "
+                                  "twice in the same mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
@@ -547,7 +575,7 @@ def _apply_override(tree: dict, override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
     node = tree
@@ -576,7 +604,7 @@ def _plain(data: Any) -> Any:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None
                 ) -> Config:
-    """Reads a YAML config (``yaml.safe_load``), applies dotted overrides and validates.
+    """Reads a YAML config (a ``yaml.SafeLoader``), applies dotted overrides and validates.
 
     Args:
       path: YAML file, or None for the built-in defaults (the COCO R50-FPN 1x recipe).
@@ -588,11 +616,18 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """
     data: Any = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ConfigError(f"{path}: is a directory; --config takes a YAML file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=_Loader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

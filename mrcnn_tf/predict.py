@@ -30,7 +30,7 @@ def load_model_dir(model_dir: str):
     [1, D, 28, 28] to paste with ``mask_paste``."""
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.model import build_model
-    from mrcnn_tf.training import read_run
+    from mrcnn_tf.rundir import read_run
 
     config, latest, ids, names = read_run(model_dir)
     model = build_model(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -11,9 +12,10 @@ import time
 import keras
 import tensorflow as tf
 
+from mrcnn_tf import rundir
 from mrcnn_tf.checkpoint import make_checkpoint, restore
-from mrcnn_tf.config import Config, ConfigError, to_dict
-from mrcnn_tf.data import build_dataset, source_info
+from mrcnn_tf.config import Config, ConfigError
+from mrcnn_tf.data import DataError, build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
 
 logger = logging.getLogger("mrcnn_tf")
@@ -66,8 +68,17 @@ def is_chief() -> bool:
         "chief" not in cfg.get("cluster", {})
 
 
+def weights_finite(model) -> bool:
+    """Whether every weight of ``model`` (and its optimiser) is finite."""
+    variables = list(model.weights) + list(getattr(model.optimizer, "variables", []))
+    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32)))
+                               for v in variables if "float" in str(v.dtype)]))
+
+
 class CheckpointEvery(keras.callbacks.Callback):
-    """Writes a checkpoint every ``every`` optimiser steps and at the end of training.
+    """Writes a checkpoint every ``every`` optimiser steps and at the end of training, never of
+    weights that are not finite (after a NaN step): rotation (``max_to_keep``) then only ever
+    removes checkpoints older than a finite one.
 
     tf.train.CheckpointManager writes the checkpoint files first and then replaces its index
     file atomically, so a process killed mid-write leaves the previous checkpoint as the latest.
@@ -85,7 +96,18 @@ class CheckpointEvery(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
         if step % self.every == 0 or step >= self.total:
-            self.manager.save(checkpoint_number=step)
+            if not weights_finite(self.model):
+                print(f"not saving a checkpoint at step {step}: the weights are not finite; "
+                      f"the last checkpoint is {self.manager.latest_checkpoint}", flush=True)
+                return
+            try:
+                self.manager.save(checkpoint_number=step)
+            except (tf.errors.OpError, OSError) as e:
+                message = getattr(e, "message", str(e))
+                raise OSError(f"could not write the checkpoint of step {step} to "
+                              f"{self.manager.directory} ({message}); the checkpoints before "
+                              f"it are intact, the latest: {self.manager.latest_checkpoint}"
+                              ) from None
             logger.info("checkpoint at step %d: %s", step, self.manager.latest_checkpoint)
 
 
@@ -101,40 +123,11 @@ class StopOnNaN(keras.callbacks.Callback):
             if k.startswith("loss") and not math.isfinite(float(v)):
                 step = int(self.model.optimizer.iterations.numpy())
                 self.bad = f"{k} is {float(v)} at step {step}"
-                print(f"\nstopping: {self.bad}; the last good checkpoint is kept. Lower "
-                      "train.base_learning_rate or set train.clip_norm.", flush=True)
+                print(f"\nstopping: {self.bad}; no checkpoint is written from here, and the "
+                      "run resumes from its last finite one. Lower train.base_learning_rate "
+                      "or set train.clip_norm.", flush=True)
                 self.model.stop_training = True
                 return
-
-
-def write_label_map(model_dir: str, category_ids, class_names) -> None:
-    """``model_dir/labels.json``: [{"class": 1.., "id": dataset category id, "name": ...}]."""
-    labels = [{"class": i + 1, "id": int(c), "name": n}
-              for i, (c, n) in enumerate(zip(category_ids, class_names))]
-    with open(os.path.join(model_dir, "labels.json"), "w") as f:
-        json.dump(labels, f, indent=1)
-
-
-def read_label_map(model_dir: str):
-    """(category_ids, class_names) from ``model_dir/labels.json``."""
-    with open(os.path.join(model_dir, "labels.json")) as f:
-        labels = json.load(f)
-    return [entry["id"] for entry in labels], [entry["name"] for entry in labels]
-
-
-def read_run(model_dir: str, overrides=()):
-    """(config, latest checkpoint, category_ids, class_names) of a train.py run directory.
-
-    Raises FileNotFoundError when the run has no checkpoint yet."""
-    from mrcnn_tf.config import config_from_dict
-
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = config_from_dict(json.load(f), list(overrides))
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
-    ids, names = read_label_map(model_dir)
-    return config, latest, ids, names
 
 
 def check_initialisation(config: Config) -> None:
@@ -172,25 +165,42 @@ def initialise(model, config: Config) -> None:
         print(f"backbone initialised from {m.backbone.weights} ({n} tensors)", flush=True)
 
 
-def _distributed_dataset(config: Config, strategy, training: bool):
-    info = source_info(config, training)
-    if strategy.num_replicas_in_sync == 1:
-        return build_dataset(config, training, info=info), info
-    return strategy.distribute_datasets_from_function(
-        lambda ctx: build_dataset(config, training, input_context=ctx, info=info)), info
-
-
 def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
-          verbose: int | str = "auto", extra_callbacks=(), final_weights: str | None = None
-          ) -> dict:
-    """Trains ``config`` under ``strategy`` into ``model_dir``, resuming from its latest
-    checkpoint. Returns a summary dict (also written to ``model_dir/summary.json`` by the chief).
+          verbose: int | str = "auto", extra_callbacks=(), final_weights: str | None = None):
+    """Trains ``config`` under ``strategy`` into ``model_dir``, resuming from its newest finite
+    checkpoint, holding the directory's lock (the chief) while it runs.
+
+    Returns (model, summary): the trained model and the summary the chief also writes to
+    ``model_dir/summary.json``.
+
+    Raises:
+      ConfigError: a frozen backbone without initial weights (before anything is built).
+      rundir.RunLockError: another live run holds ``model_dir``.
+      DataError: the training source yields no usable image.
     """
     t = config.train
     replicas = strategy.num_replicas_in_sync
     if t.batch_size % replicas:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of "
                          f"replicas ({replicas})")
+    if rundir.latest_checkpoint(model_dir) is None:
+        check_initialisation(config)
+    chief = is_chief()
+    os.makedirs(model_dir, exist_ok=True)
+    lock = rundir.RunLock(model_dir) if chief else None
+    if lock:
+        lock.acquire()
+    try:
+        return _train(config, strategy, model_dir, chief, verbose, extra_callbacks,
+                      final_weights)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_weights):
+    t = config.train
+    replicas = strategy.num_replicas_in_sync
     if replicas > 1 and "bn" in (config.model.backbone.norm, config.model.fpn.norm,
                                  config.model.mask_head.norm, config.model.box_head.norm):
         logger.warning("norm=bn under %d replicas: each replica keeps its own batch statistics; "
@@ -199,39 +209,35 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     if t.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
-        check_initialisation(config)
-    chief = is_chief()
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    if not chief:
+    ckpt_dir = rundir.checkpoint_dir(model_dir)
+    if chief:
+        _remove_partial_checkpoints(ckpt_dir)
+    else:
         ckpt_dir = os.path.join(model_dir, "tmp_worker", str(os.getpid()))
     os.makedirs(ckpt_dir, exist_ok=True)
 
+    info = source_info(config, training=True)
+    require_data(config, info)
     with strategy.scope():
         model = build_model(config)
         model.compile()
         model.optimizer.build(model.trainable_variables)
-    dataset, info = _distributed_dataset(config, strategy, training=True)
-
-    checkpoint = make_checkpoint(model, model.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
-    start = 0
-    if latest:
-        restore(model, latest, model.optimizer)
-        start = int(model.optimizer.iterations.numpy())
-        print(f"resumed from {latest} at step {start}", flush=True)
-    else:
+    dataset = _distributed_dataset(config, strategy, info)
+    manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer), ckpt_dir,
+                                         max_to_keep=3)
+    start = restore_finite(model, model_dir)
+    if start is None:
+        start = 0
         initialise(model, config)
     if chief:
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(to_dict(config), f, indent=1)
-        write_label_map(model_dir, info.category_ids, info.class_names)
+        rundir.write_config(model_dir, config)
+        rundir.write_labels(model_dir, info.category_ids, info.class_names)
 
     steps_per_epoch = math.gcd(t.steps, t.checkpoint_every)
     epochs = t.steps // steps_per_epoch
     nan_stop = StopOnNaN()
-    callbacks = [CheckpointEvery(manager, t.checkpoint_every, t.steps), nan_stop, *extra_callbacks]
+    callbacks = [nan_stop, CheckpointEvery(manager, t.checkpoint_every, t.steps),
+                 *extra_callbacks]
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
                                                      update_freq=t.log_every))
@@ -243,7 +249,7 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
                             verbose=verbose)
     elapsed = time.time() - t0
     end = int(model.optimizer.iterations.numpy())
-    if final_weights:
+    if final_weights and nan_stop.bad is None:
         model.save_weights(final_weights)
     last = {k: float(v[-1]) for k, v in (history.history if history else {}).items()}
     summary = {"model_dir": model_dir, "strategy": type(strategy).__name__,
@@ -251,17 +257,79 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
                "steps_run": end - start, "seconds": round(elapsed, 1),
                "seconds_per_step": round(elapsed / max(end - start, 1), 4),
                "latest_checkpoint": tf.train.latest_checkpoint(ckpt_dir),
-               "final_logs": {k: last[k] for k in (*LOSS_KEYS, "loss", "learning_rate")
-                              if k in last},
+               # Strict JSON: a NaN or Inf loss is null (stopped_on_nan says which).
+               "final_logs": {k: last[k] if math.isfinite(last[k]) else None
+                              for k in (*LOSS_KEYS, "loss", "learning_rate") if k in last},
                "stopped_on_nan": nan_stop.bad}
     if chief:
-        with open(os.path.join(model_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        rundir.write_json(os.path.join(model_dir, "summary.json"), summary)
     else:
         tf.io.gfile.rmtree(ckpt_dir)
-    summary["model"] = model
-    summary["class_names"] = info.class_names
-    return summary
+    return model, summary
+
+
+def _remove_partial_checkpoints(ckpt_dir: str) -> None:
+    """Deletes what a save killed part-way leaves behind (``ckpt-N_temp/``): it is never
+    referenced, and the previous checkpoint is intact."""
+    for path in tf.io.gfile.glob(os.path.join(ckpt_dir, "*_temp*")):
+        logger.warning("removing %s, left by a checkpoint write that did not finish", path)
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        else:
+            tf.io.gfile.remove(path)
+
+
+def restore_finite(model, model_dir: str) -> int | None:
+    """Restores the newest checkpoint of ``model_dir`` whose weights are all finite (a NaN run
+    of an older version may have saved non-finite ones after its last good step) and returns
+    its step; None when the run has no checkpoint.
+
+    Raises:
+      ValueError: the run has checkpoints but none is finite.
+    """
+    state = tf.train.get_checkpoint_state(rundir.checkpoint_dir(model_dir))
+    if state is None or not state.all_model_checkpoint_paths:
+        return None
+    paths = list(state.all_model_checkpoint_paths)
+    if state.model_checkpoint_path not in paths:
+        paths.append(state.model_checkpoint_path)
+    for path in reversed(paths):
+        if not tf.io.gfile.exists(path + ".index"):
+            continue
+        restore(model, path, model.optimizer)
+        if weights_finite(model):
+            step = int(model.optimizer.iterations.numpy())
+            print(f"resumed from {path} at step {step}", flush=True)
+            return step
+        print(f"skipping {path}: its weights are not finite", flush=True)
+    raise ValueError(f"no checkpoint in {rundir.checkpoint_dir(model_dir)} has finite weights; "
+                     "start a new --model_dir (model.init_from can take an earlier run)")
+
+
+def require_data(config: Config, info) -> None:
+    """Raises DataError, naming the source and counting the reasons, when the training source
+    yields no usable image (every file fails to decode, say): training would otherwise run on
+    nothing and stop without a word."""
+    for _ in build_dataset(config, True, batch_size=1, info=info).take(1):
+        return
+    src = config.data.train
+    where = src.annotation_file or src.tfrecord_pattern or src.source
+    reasons = collections.Counter()
+    for record in (info.coco.records if info.coco is not None else []):
+        try:
+            tf.io.decode_image(tf.io.read_file(record["file_name"]), channels=3,
+                               expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+            reasons[str(e.message).split(";")[0].split("[")[0].strip()[:80]] += 1
+    detail = "; ".join(f"{n} x {r}" for r, n in reasons.most_common()) or "no image decoded"
+    raise DataError(f"data.train: {where} yields no usable image ({detail})")
+
+
+def _distributed_dataset(config: Config, strategy, info):
+    if strategy.num_replicas_in_sync == 1:
+        return build_dataset(config, True, info=info)
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: build_dataset(config, True, input_context=ctx, info=info))
 
 
 def draw_validation_predictions(model, config: Config, model_dir: str, class_names,

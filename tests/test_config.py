@@ -85,7 +85,7 @@ def test_configs_are_frozen():
     ("model.anchors.aspect_ratios=[0.5, -1]", r"aspect_ratios\[1\]: -1\.0 is out of range"),
     ("train.decay_steps=[80000, 60000]", r"train\.decay_steps must be increasing"),
     ("model.rpn.negative_iou=0.8", r"negative_iou must be <="),
-    ("model.rpn=3", r"model\.rpn: expected a mapping"),
+    ("model.rpn=3", r"model\.rpn: is a section; expected a mapping"),
     ("model.rpn.conv_channels.x=3", r"model\.rpn\.conv_channels: is an option, not a section"),
     ("steps", r"must look like section\.key=value"),
     ("train.base_learning_rate=.nan", r"expected a finite number"),
@@ -117,3 +117,25 @@ def test_empty_file_gives_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(str(empty)) == load_config()
+
+
+def test_yaml_reading_faults_are_messages_naming_the_file(tmp_path):
+    from mrcnn_tf.config import ConfigError, load_config
+
+    (tmp_path / "exp.yaml").write_text("train:\n  base_learning_rate: 1e-3\n"
+                                       "  weight_decay: 5E-5\n")
+    cfg = load_config(tmp_path / "exp.yaml")  # YAML 1.2 numbers, not strings
+    assert cfg.train.base_learning_rate == 1e-3 and cfg.train.weight_decay == 5e-5
+    assert load_config(None, ["train.base_learning_rate=2e-2"]).train.base_learning_rate == 0.02
+    (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\n  batch_size: 2\n  steps: 6\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 4: key 'steps' is given twice"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  steps: 5 # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a UTF-8 text file"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match="is a directory; --config takes a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"model: is a section; expected a mapping"):
+        load_config(None, ["model=[]"])
+    with pytest.raises(ConfigError, match=r"train: is a section"):
+        load_config(None, ["train=5"])

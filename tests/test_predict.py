@@ -8,8 +8,8 @@ import pytest
 
 import mrcnn_tf
 from mrcnn_tf.checkpoint import make_checkpoint
+from mrcnn_tf.rundir import write_config, write_labels
 from mrcnn_tf.serving import export_saved_model
-from mrcnn_tf.training import write_label_map
 from tests.conftest import REPO
 
 
@@ -21,9 +21,8 @@ def run_dir(tmp_path_factory):
     model = mrcnn_tf.build_model(cfg)
     os.makedirs(root / "checkpoints")
     make_checkpoint(model).save(str(root / "checkpoints" / "ckpt"))
-    with open(root / "config.json", "w") as f:
-        json.dump(mrcnn_tf.config.to_dict(cfg), f)
-    write_label_map(str(root), [1, 2, 3], ["square", "circle", "triangle"])
+    write_config(str(root), cfg)
+    write_labels(str(root), [1, 2, 3], ["square", "circle", "triangle"])
     export_saved_model(model, [1, 2, 3], ["square", "circle", "triangle"],
                        str(root / "export" / "1"), ("image_tensor",))
     return root

@@ -11,7 +11,7 @@ import tensorflow as tf
 import mrcnn_tf
 from mrcnn_tf.checkpoint import make_checkpoint
 from mrcnn_tf.data.tfrecord import make_example
-from mrcnn_tf.training import write_label_map
+from mrcnn_tf.rundir import write_config, write_labels
 from tests.conftest import REPO
 
 SHAPES = str(REPO / "configs" / "shapes.yaml")
@@ -31,9 +31,8 @@ def exported(tmp_path_factory):
     run = root / "run"
     os.makedirs(run / "checkpoints")
     make_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
-    with open(run / "config.json", "w") as f:
-        json.dump(mrcnn_tf.config.to_dict(cfg), f)
-    write_label_map(str(run), IDS, NAMES)
+    write_config(str(run), cfg)
+    write_labels(str(run), IDS, NAMES)
     res = subprocess.run([sys.executable, str(REPO / "export" / "export_saved_model.py"),
                           "--model_dir", str(run), "--output", str(root / "export")],
                          capture_output=True, text=True, timeout=600, cwd=REPO,

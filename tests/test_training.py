@@ -181,19 +181,25 @@ def test_stop_on_nan_has_a_clear_message(capsys):
     assert int(model.optimizer.iterations.numpy()) == 1
 
 
-def _run_train(model_dir, steps, extra=(), timeout=300):
+def _run_train(model_dir, steps, extra=(), timeout=300, options=()):
+    """train.py on ``model_dir`` with more --set overrides ``extra`` and command ``options``."""
     return subprocess.run([sys.executable, str(REPO / "train.py"), "--model_dir", model_dir,
-                           "--verbose", "2", "--set", f"train.steps={steps}",
+                           "--verbose", "2", *options, "--set", f"train.steps={steps}",
                            "train.checkpoint_every=5", *SMALL, *extra],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 def test_kill_during_training_then_resume(tmp_path):
+    """A run of a non-default model is killed; meanwhile a second run on its directory is
+    refused, naming the first; the resume, without the run's --set, rebuilds the run's own
+    model from config.json, takes over the dead run's lock, removes the temporary folder of a
+    checkpoint write killed part-way, and runs exactly the remaining steps."""
     model_dir = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--model_dir", model_dir,
                              "--verbose", "0", "--set", "train.steps=400",
-                             "train.checkpoint_every=5", *SMALL],
+                             "train.checkpoint_every=5", "model.fpn.channels=32",
+                             "model.rpn.conv_channels=32", *SMALL],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
                             start_new_session=True)
@@ -208,18 +214,142 @@ def test_kill_during_training_then_resume(tmp_path):
             time.sleep(0.5)
         else:
             pytest.fail("no checkpoint at step >= 10 within 240 s")
+        second = _run_train(model_dir, 500)
+        assert second.returncode == 4
+        assert f"in use by the run of process {proc.pid}" in second.stderr
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = int(tf.train.latest_checkpoint(os.path.dirname(ckpt)).rsplit("-", 1)[1])
+    partial = os.path.join(model_dir, "checkpoints", f"ckpt-{killed_at + 5}_temp")
+    os.makedirs(os.path.join(partial, "part-00000-of-00001"))
     res = _run_train(model_dir, killed_at + 5)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {model_dir}/checkpoints/ckpt-{killed_at} at step {killed_at}" in \
         res.stdout
+    assert "config: train.steps differs from the run's config.json" in res.stdout
+    assert "taking over" in res.stderr and not os.path.exists(partial)
     with open(os.path.join(model_dir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["resumed_from_step"] == killed_at
     assert summary["final_step"] == killed_at + 5 and summary["steps_run"] == 5
+    assert not os.path.exists(os.path.join(model_dir, ".lock"))
+
+
+def _checkpoint_finite(path) -> bool:
+    reader = tf.train.load_checkpoint(path)
+    return all(np.isfinite(reader.get_tensor(name)).all()
+               for name, dtype in reader.get_variable_to_dtype_map().items()
+               if dtype.is_floating)
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} is not strict JSON: {constant}")
+
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=refuse)
+
+
+def test_nan_is_never_checkpointed_and_resume_starts_from_the_last_finite(tmp_path):
+    """The issue's repro: lr 1e5 from step 0, a checkpoint every step. The run stops with exit
+    code 3, no checkpoint holds a non-finite value, summary.json is strict JSON, and resuming
+    (as the message advises, with a lower learning rate) starts from the last finite checkpoint
+    and again writes no non-finite one."""
+    model_dir = str(tmp_path / "run")
+    res = _run_train(model_dir, 20, ["train.base_learning_rate=100000.0",
+                                     "train.warmup_steps=0", "train.checkpoint_every=1",
+                                     "data.train.num_images=64"])
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "stopping: loss" in res.stdout
+    state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+    assert state is not None and state.all_model_checkpoint_paths
+    assert all(_checkpoint_finite(p) for p in state.all_model_checkpoint_paths)
+    summary = _strict_json(os.path.join(model_dir, "summary.json"))
+    assert summary["stopped_on_nan"] and None in summary["final_logs"].values()
+    last = int(state.model_checkpoint_path.rsplit("-", 1)[1])
+    assert last < summary["final_step"]
+    res = _run_train(model_dir, last + 2, ["train.base_learning_rate=0.001",
+                                           "train.checkpoint_every=1"])
+    assert res.returncode in (0, 3), res.stderr[-3000:]
+    assert f"resumed from {model_dir}/checkpoints/ckpt-{last} at step {last}" in res.stdout
+    state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+    assert all(_checkpoint_finite(p) for p in state.all_model_checkpoint_paths)
+
+
+def test_resume_skips_non_finite_checkpoints_of_older_runs(tmp_path, capsys):
+    """Checkpoints an older version wrote after a NaN step: the resume walks back to the newest
+    finite one."""
+    from mrcnn_tf.checkpoint import make_checkpoint
+    from mrcnn_tf.training import restore_finite
+
+    _, model = _model()
+    manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer),
+                                         str(tmp_path / "checkpoints"), 3)
+    model.optimizer.iterations.assign(4)
+    manager.save(4)
+    good = [w.numpy().copy() for w in model.weights]
+    kernel = model.box_head.class_logits.kernel
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    model.optimizer.iterations.assign(5)
+    manager.save(5)
+    _, other = _model()
+    assert restore_finite(other, str(tmp_path)) == 4
+    assert "ckpt-5: its weights are not finite" in capsys.readouterr().out
+    for a, b in zip(good, other.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    kernel = other.box_head.class_logits.kernel
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    other.optimizer.iterations.assign(4)
+    tf.train.CheckpointManager(make_checkpoint(other, other.optimizer),
+                               str(tmp_path / "checkpoints"), 3).save(4)  # ckpt-4 now NaN too
+    with pytest.raises(ValueError, match="no checkpoint in .* has finite weights"):
+        restore_finite(other, str(tmp_path))
+
+
+def test_training_on_no_usable_image_is_an_error_naming_the_file(tmp_path):
+    """Every image of the annotation file passes the header check but fails to decode: an
+    error naming the file and counting the reasons, exit code 2, no checkpoint."""
+    from tests.data.fixtures import ann, make_coco, write_image
+
+    images = []
+    for i in range(3):
+        path = tmp_path / f"{i}.jpg"
+        write_image(path, 40, 50, seed=i)
+        data = bytearray(path.read_bytes())
+        data[2:-2] = b"\x00" * (len(data) - 4)  # framed like a JPEG, garbage inside
+        path.write_bytes(bytes(data))
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": 40, "width": 50})
+    ann_file, image_dir = make_coco(tmp_path, images, [ann(i + 1, i + 1, 2, 2, 10)
+                                                       for i in range(3)])
+    model_dir = tmp_path / "run"
+    res = _run_train(str(model_dir), 5, [
+        "data.train.source=coco", f"data.train.annotation_file={ann_file}",
+        f"data.train.image_dir={image_dir}", "model.num_classes=2"])
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"data.train: {ann_file} yields no usable image (3 x " in res.stderr
+    assert not (model_dir / "checkpoints" / "checkpoint").exists()
+
+
+def test_full_disk_names_the_directory_and_keeps_earlier_checkpoints(tmp_path):
+    """model_dir on a 24 MB tmpfs: the first checkpoint fits, the second does not. The run
+    stops with a message naming the directory, and the first checkpoint is intact."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode()[:200]}")
+    try:
+        model_dir = str(disk / "run")
+        res = _run_train(model_dir, 6, ["train.checkpoint_every=1"], options=["--mode", "train"])
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert f"could not write the checkpoint of step 2 to {model_dir}/checkpoints" in \
+            res.stderr
+        first = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        assert first.endswith("ckpt-1") and _checkpoint_finite(first)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def test_train_py_rejects_bad_config_keys(tmp_path):
@@ -455,3 +585,23 @@ def test_fit_traces_once_per_canvas(shared_data, caplog):
     shapes = [m.split("input shape ")[1] for m in traced]
     assert len(shapes) == len(set(shapes)) >= 2
     assert all(np.isfinite(v[-1]) for v in hist.history.values())
+
+
+@pytest.mark.slow
+def test_kill_and_resume_loop_loses_at_most_checkpoint_every_steps(tmp_path):
+    """SIGKILL at random points five times, twice while a checkpoint is being written: every
+    resume starts from a complete, finite checkpoint no older than the last one announced."""
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" /
+                                              "kill_resume_loop.py"), str(tmp_path / "run"), "5"],
+                         capture_output=True, text=True, timeout=1500, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps(out, indent=1))
+    assert len(out["rounds"]) == 5
+    assert any(r["killed_during_write"] for r in out["rounds"])
+    steps = [r["step"] for r in out["rounds"]]
+    assert steps == sorted(steps) and steps[-1] > 0
+    for r in out["rounds"]:
+        assert r["complete"] and r["lost_at_most_every"], r
+    assert out["final_exit"] == 0 and out["resumed_line"]
+    assert out["final_step"] == out["expected_final"]

@@ -5,7 +5,9 @@ The model is ``official.vision.modeling.factory.build_maskrcnn`` of the
 ``maskrcnn_resnetfpn_coco`` experiment (through MaskRCNNTask.build_model), random weights, float32
 or, with ``--precision bf16``, mixed bfloat16 (the experiment's own runtime setting); without XLA
 (the experiment enables it for TPUs; ours cannot use it either), detection score threshold 0 as
-ours in the same run. Inference takes the image already normalised (Model Garden
+ours in the same run. ``--measure e2e``: its input pipeline on the coco128 TFRecords (1024x1024,
+flips, no scale jitter) feeding its task's ``train_step``, batch after batch. Inference takes the
+image already normalised (Model Garden
 normalises in its input pipeline, ours inside the model). The training step is the task's own
 ``train_step`` on one batch of its own input pipeline (which also computes the RPN targets).
 """
@@ -21,7 +23,9 @@ from protocol import serve  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--measure", required=True, choices=("inference", "train", "data"))
+    p.add_argument("--measure", required=True, choices=("inference", "train", "data", "e2e"))
+    p.add_argument("--batch", type=int, default=1, help="images per step (measure=e2e)")
+    p.add_argument("--steps", type=int, default=5, help="steps per run (measure=e2e)")
     p.add_argument("--inputs", required=True)
     p.add_argument("--tfrecord", default=None, help="TFRecord pattern (train: one image; data)")
     p.add_argument("--threads", type=int, default=2)
@@ -49,7 +53,7 @@ def main():
     for data in (exp.task.train_data, exp.task.validation_data):
         data.dtype = "float32"
     exp.task.train_data.input_path = args.tfrecord or ""
-    exp.task.train_data.global_batch_size = 8 if args.measure == "data" else 1
+    exp.task.train_data.global_batch_size = {"data": 8, "e2e": args.batch}.get(args.measure, 1)
     exp.task.train_data.shuffle_buffer_size = 64
     # Like ours in the same run: no scale jitter (the experiment's default is 0.8-1.25), flips on.
     exp.task.train_data.parser.aug_scale_min = 1.0
@@ -72,6 +76,32 @@ def main():
             return {"images": args.batches * 8}
 
         serve(run_once, build, describe)
+        return
+
+    if args.measure == "e2e":
+        def build():
+            state["model"] = task.build_model()
+            state["opt"] = tf_keras.optimizers.SGD(learning_rate=0.02 * args.batch / 16,
+                                                   momentum=0.9)
+            state["it"] = iter(task.build_inputs(exp.task.train_data))
+            state["step"] = tf.function(
+                lambda inputs: task.train_step(inputs, state["model"], state["opt"]))
+
+        def run_once():
+            import time
+
+            times = []
+            steps = args.steps if state.get("warm") else 1  # the first call: one step
+            state["warm"] = True
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logs = state["step"](next(state["it"]))
+                float(logs["loss"])
+                times.append(time.perf_counter() - t0)
+            return {"images": steps * args.batch, "step_times": times,
+                    "loss": float(logs["loss"])}
+
+        serve(run_once, build, {**describe, "batch": args.batch, "steps_per_run": args.steps})
         return
 
     def build():

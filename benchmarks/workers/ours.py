@@ -31,18 +31,20 @@ PEER_CONFIGS = {
         "model.rpn.post_nms_topk_train=1000", "model.rpn.pre_nms_topk_test=1000",
         "model.rpn.post_nms_topk_test=1000", "model.detection.score_threshold=0.0",
         "model.preprocess.resize=square", "model.preprocess.square_size=1024",
-        "data.image_size=1024"]),
+        "data.image_size=1024", "data.canvas_long_sides=null"]),
 }
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--measure", required=True, choices=("inference", "train", "data"))
+    p.add_argument("--measure", required=True, choices=("inference", "train", "data", "e2e"))
     p.add_argument("--peer", required=True, choices=tuple(PEER_CONFIGS))
     p.add_argument("--inputs", required=True)
     p.add_argument("--data_dir", default=None, help="coco128 folder (measure=data)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, default=16, help="batches per data run")
+    p.add_argument("--batch", type=int, default=1, help="images per step (measure=e2e)")
+    p.add_argument("--steps", type=int, default=5, help="steps per run (measure=e2e)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: Keras mixed_bfloat16 (bfloat16 compute, float32 weights)")
@@ -65,12 +67,13 @@ def main():
     overrides = list(overrides)
     if args.precision == "bf16":
         overrides.append("train.mixed_precision=mixed_bfloat16")
-    if args.measure == "data":
+    if args.measure in ("data", "e2e"):
+        batch = 8 if args.measure == "data" else args.batch
         overrides += ["model.num_classes=80", "data.train.source=coco",
                       f"data.train.annotation_file={args.data_dir}/annotations/"
                       "instances_train2017.json",
-                      f"data.train.image_dir={args.data_dir}/train2017", "train.batch_size=8",
-                      "data.cache=false"]
+                      f"data.train.image_dir={args.data_dir}/train2017",
+                      f"train.batch_size={batch}", "data.cache=false"]
     cfg = mrcnn_tf.load_config(REPO / path, overrides + args.set)
     inputs = np.load(args.inputs)
     key = "800" if args.peer == "torchvision" else "1024"
@@ -86,6 +89,34 @@ def main():
             return {"images": args.batches * cfg.train.batch_size}
 
         serve(run_once, build, {"config": path, "batch": cfg.train.batch_size})
+        return
+
+    if args.measure == "e2e":
+        # What train.py runs: build_dataset and the model's fit train function (one trace per
+        # canvas), batch after batch from the same iterator.
+        def build():
+            state["it"] = iter(build_dataset(cfg, training=True))
+            state["model"] = mrcnn_tf.build_model(cfg)
+            state["model"].compile()
+            state["fn"] = state["model"].make_train_function()
+
+        def run_once():
+            import time
+
+            times = []
+            steps = args.steps if state.get("warm") else 1  # the first call: one step
+            state["warm"] = True
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logs = state["fn"](state["it"])
+                float(logs["loss"])
+                times.append(time.perf_counter() - t0)
+            return {"images": steps * args.batch, "step_times": times,
+                    "loss": float(logs["loss"])}
+
+        serve(run_once, build, {"config": path, "overrides": overrides,
+                                "precision": args.precision, "batch": args.batch,
+                                "steps_per_run": args.steps, "pid": os.getpid()})
         return
 
     def build():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -14,12 +16,63 @@ _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
-def check_image_file(path: str) -> str | None:
-    """Why an image file cannot be used, or None. Cheap: reads the first and last bytes only.
+def image_header_size(f) -> tuple[int, int] | None:
+    """(height, width) from the header of a JPEG, PNG, GIF or BMP file (a binary file object
+    at its start), or None.
 
-    Catches a missing or empty file, a file that is not a JPEG/PNG/GIF/BMP, and a truncated JPEG
-    or PNG (no end marker in its last 4 KiB). Corrupt data inside a well-framed file is caught
-    when the pipeline decodes it.
+    JPEG: the frame header (SOFn), reached by skipping from marker segment to marker segment
+    (metadata before it can be any size); PNG: IHDR; GIF: the logical screen; BMP: the info
+    header.
+    """
+    head = f.read(26)
+    if head.startswith(_PNG_SIG) and len(head) >= 24:
+        width, height = struct.unpack(">II", head[16:24])
+        return height, width
+    if head.startswith(b"GIF8") and len(head) >= 10:
+        width, height = struct.unpack("<HH", head[6:10])
+        return height, width
+    if head.startswith(b"BM") and len(head) >= 26:
+        width, height = struct.unpack("<ii", head[18:26])
+        return abs(height), width
+    if not head.startswith(_JPEG_SOI):
+        return None
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        while byte == b"\xff":  # fill bytes before a marker
+            marker = f.read(1)
+            if marker != b"\xff":
+                break
+        else:
+            return None
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:  # markers without a segment
+            continue
+        raw = f.read(2)
+        if len(raw) < 2:
+            return None
+        length = struct.unpack(">H", raw)[0]
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+            frame = f.read(5)
+            if len(frame) < 5:
+                return None
+            height, width = struct.unpack(">HH", frame[1:5])
+            return height, width
+        if code in (0xD9, 0xDA) or length < 2:  # end, or scan data before any frame
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def check_image_file(path: str, expected_size: tuple[int, int] | None = None) -> str | None:
+    """Why an image file cannot be used, or None. Cheap: reads the first bytes, the header
+    segments and the last 4 KiB only.
+
+    Catches a missing or empty file, a file that is not a JPEG/PNG/GIF/BMP, a truncated JPEG
+    or PNG (no end marker in its last 4 KiB), and, with ``expected_size`` (height, width), a
+    header whose size differs from it (the annotations would not fit the image). Corrupt data
+    inside a well-framed file is caught when the pipeline decodes it.
     """
     if not os.path.isfile(path):
         return f"missing image file: {path}"
@@ -30,6 +83,10 @@ def check_image_file(path: str) -> str | None:
         head = f.read(8)
         f.seek(max(0, size - 4096))
         tail = f.read()
+        found = None
+        if expected_size is not None:
+            f.seek(0)
+            found = image_header_size(f)
     if head.startswith(_JPEG_SOI):
         if _JPEG_EOI not in tail:
             return f"truncated JPEG (no end marker): {path}"
@@ -38,6 +95,10 @@ def check_image_file(path: str) -> str | None:
             return f"truncated PNG (no IEND chunk): {path}"
     elif not (head.startswith(b"GIF8") or head.startswith(b"BM")):
         return f"not an image (unknown format): {path}"
+    if expected_size is not None:
+        if found is not None and tuple(found) != tuple(expected_size):
+            return (f"image size differs from the annotation file's: {found[1]}x{found[0]} in "
+                    f"the file, {expected_size[1]}x{expected_size[0]} in the JSON: {path}")
     return None
 
 
@@ -70,10 +131,6 @@ class CocoDataset:
         anns_by_image: dict[int, list] = {}
         images = {}
         for im in data["images"]:
-            for key in ("id", "file_name", "height", "width"):
-                if key not in im:
-                    raise DataError(f"{annotation_file}: image entry {im.get('id', '?')} has no "
-                                    f"{key!r}")
             images[im["id"]] = im
         for ann in data["annotations"]:
             if ann.get("image_id") not in images:
@@ -87,7 +144,7 @@ class CocoDataset:
             im = images[image_id]
             path = os.path.join(image_dir, im["file_name"])
             if check_files:
-                problem = check_image_file(path)
+                problem = check_image_file(path, (int(im["height"]), int(im["width"])))
                 if problem:
                     self.report.warn("image", image_id, problem)
                     continue
@@ -166,6 +223,8 @@ def _load_json(path: str) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a COCO annotation file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -173,11 +232,137 @@ def _load_json(path: str) -> dict:
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise DataError(f"{path}: not a COCO instances file (missing keys: {', '.join(missing)})")
+    validate_coco(data, path)
     if not data["images"]:
         raise DataError(f"{path}: the annotation file has no images")
     if not data["categories"]:
         raise DataError(f"{path}: the annotation file has no categories")
     return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v)))
+
+
+def validate_coco(data: dict, path: str) -> None:
+    """Checks the structure of a COCO instances file: every field the loader reads has its
+    type (ids integers, sizes positive integers, boxes four finite numbers, polygons lists of
+    finite numbers, RLE counts that decode to the image's pixel count), image ids are unique
+    and file names stay inside the image folder. Raises DataError naming the file, the entry
+    and the field.
+    """
+    def fail(where, message):
+        raise DataError(f"{path}: {where}: {message}")
+
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            fail(key, f"expected a list, got {type(data[key]).__name__} {str(data[key])[:40]}")
+    seen = set()
+    for i, cat in enumerate(data["categories"]):
+        where = f"categories[{i}]"
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            fail(where, f"needs an integer 'id' (got {str(cat)[:60]})")
+        if cat["id"] in seen:
+            fail(where, f"duplicate category id {cat['id']}")
+        seen.add(cat["id"])
+    seen = {}
+    for i, im in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(im, dict):
+            fail(where, f"expected an object, got {str(im)[:60]}")
+        for key in ("id", "file_name", "height", "width"):
+            if key not in im:
+                fail(f"image {im.get('id', where)}", f"no {key!r}")
+        if not _is_int(im["id"]):
+            fail(where, f"'id' must be an integer, got {im['id']!r}")
+        if im["id"] in seen:
+            fail(f"image {im['id']}", f"duplicate image id (also images[{seen[im['id']]}])")
+        seen[im["id"]] = i
+        for key in ("height", "width"):
+            if not _is_int(im[key]) or im[key] <= 0:
+                fail(f"image {im['id']}", f"{key!r} must be a positive integer, got {im[key]!r}")
+        name = im["file_name"]
+        if not isinstance(name, str) or not name:
+            fail(f"image {im['id']}", f"'file_name' must be a non-empty string, got {name!r}")
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            fail(f"image {im['id']}", f"'file_name' {name!r} points outside the image folder "
+                                      "(absolute, or with '..')")
+    for i, ann in enumerate(data["annotations"]):
+        where = f"annotation {ann.get('id', f'[{i}]') if isinstance(ann, dict) else f'[{i}]'}"
+        if not isinstance(ann, dict):
+            fail(f"annotations[{i}]", f"expected an object, got {str(ann)[:60]}")
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                fail(where, f"{key!r} must be an integer, got {ann.get(key)!r}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                and all(_is_number(v) for v in bbox)):
+            fail(where, f"'bbox' must be four finite numbers [x, y, w, h], got {bbox!r}")
+        _validate_segmentation(ann.get("segmentation"), lambda m, w=where: fail(w, m))
+
+
+def _validate_segmentation(seg, fail) -> None:
+    if isinstance(seg, list):
+        for poly in seg:
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                fail(f"'segmentation' polygons must be lists of finite numbers, got "
+                     f"{str(poly)[:60]}")
+        return
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        fail(f"'segmentation' must be polygons or an RLE {{counts, size}}, got {str(seg)[:60]}")
+    size = seg["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0
+                                                              for v in size)):
+        fail(f"RLE 'size' must be [height, width], got {size!r}")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            fail("RLE 'counts' must be non-negative integers")
+    elif isinstance(counts, str):
+        try:
+            counts = decode_rle_counts(counts)
+        except ValueError as e:
+            fail(f"corrupt RLE 'counts': {e}")
+        if any(c < 0 for c in counts):
+            fail("corrupt RLE 'counts': a negative run")
+    else:
+        fail(f"RLE 'counts' must be a list or a string, got {type(counts).__name__}")
+    if sum(counts) != size[0] * size[1]:
+        fail(f"corrupt RLE 'counts': runs cover {sum(counts)} pixels, the {size[0]}x{size[1]} "
+             f"mask has {size[0] * size[1]}")
+
+
+def decode_rle_counts(text: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString): 6-bit
+    characters from '0', 5 bits of value each, a continuation bit, a sign bit on the last; from
+    the third run on, each is a difference to the run two before.
+
+    Example: a 4x5 mask with rows 1-2, columns 1-3 on is "5220003": runs (column-major)
+    [5, 2, 2, 2, 2, 2, 5].
+    """
+    counts, p = [], 0
+    while p < len(text):
+        value, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                raise ValueError("the string ends inside a number")
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {text[p]!r} is not an RLE digit")
+            value |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                value |= -1 << (5 * k)
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 def rasterize(segmentations, height: int, width: int) -> np.ndarray:

@@ -101,8 +101,20 @@ def transform_params(config: Config) -> TransformParams:
                            image_dtype=d.image_dtype)
 
 
+def grey_filled(data: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+    """Whether ``image``, decoded from the file bytes ``data``, is a JPEG cut short: libjpeg
+    decodes a JPEG whose data ends early (an end marker appended to a truncated file, say)
+    without an error, filling the missing blocks with zero coefficients, which decode to exactly
+    (128, 128, 128). A photo whose whole last row and last 8x8 block are exactly that grey is
+    taken for one."""
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 2), b"\xff\xd8")
+    grey = tf.reduce_all(tf.equal(image[-1], 128)) & tf.reduce_all(tf.equal(image[-8:, -8:], 128))
+    return is_jpeg & grey
+
+
 def _coco_examples(info: SourceInfo, training, seed, input_context):
     records = info.coco.records
+    report = info.coco.report
     paths = [r["file_name"] for r in records]
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(records)), paths))
     if input_context is not None:
@@ -116,19 +128,32 @@ def _coco_examples(info: SourceInfo, training, seed, input_context):
         return r["boxes"], r["classes"], masks, np.int64(r["image_id"])
 
     def load(i, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        data = tf.io.read_file(path)
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
         boxes, classes, masks, image_id = tf.numpy_function(
             targets, [i], [tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False)
         size = tf.shape(image)[:2]
-        with tf.control_dependencies([tf.debugging.assert_equal(
-                tf.shape(masks)[1:], size,
-                message="image size differs from the annotation file's height/width")]):
-            masks = tf.reshape(masks, tf.concat([[-1], size], 0))
+        masks = tf.reshape(masks, tf.concat([[-1], size], 0))
         return {"image": image, "boxes": tf.reshape(boxes, [-1, 4]),
                 "classes": tf.reshape(classes, [-1]), "masks": masks,
-                "image_id": tf.reshape(image_id, [])}
+                "image_id": tf.reshape(image_id, []), "index": i,
+                "cut_short": grey_filled(data, image)}
 
-    return ds.map(load, num_parallel_calls=AUTOTUNE)
+    warned = set()
+
+    def warn(i):
+        r = records[int(i)]
+        if r["image_id"] not in warned:
+            warned.add(r["image_id"])
+            report.warn("image", r["image_id"], "truncated JPEG (its last blocks are libjpeg's "
+                        f"grey fill for missing data): {r['file_name']}")
+        return False
+
+    def usable(e):
+        return tf.cond(e["cut_short"], lambda: tf.numpy_function(warn, [e["index"]], tf.bool),
+                       lambda: tf.constant(True))
+
+    return ds.map(load, num_parallel_calls=AUTOTUNE).filter(usable)
 
 
 def _tfrecord_examples(src, info, training, seed, input_context, deterministic):

@@ -134,7 +134,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
             os.path.join(model_dir, "tensorboard", "eval")) if write else None
         self.history: list[dict] = []
 
-    def _run(self):
+    def evaluate_now(self):
         step = int(self.model.optimizer.iterations.numpy())
         if step == self._last:
             return
@@ -157,11 +157,11 @@ class CocoEvalCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
-            self._run()
+            self.evaluate_now()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at_epoch_end:
-            self._run()
+            self.evaluate_now()
 
 
 def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
@@ -185,9 +185,9 @@ def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
     if os.path.exists(os.path.join(model_dir, "labels.json")):
         # The model's classes mean what its label map says (e.g. a converted torchvision model
         # predicts COCO's 91-label space, not the annotation file's 80 contiguous classes).
-        from mrcnn_tf.training import read_label_map
+        from mrcnn_tf.rundir import read_labels
 
-        ids, names = read_label_map(model_dir)
+        ids, names = read_labels(model_dir)
         info = dataclasses.replace(info, category_ids=ids, class_names=names)
     results = evaluate(model_predict_fn(model), config, info)
     append_metrics(model_dir, _entry(step, results))

@@ -14,7 +14,6 @@ needs nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -27,10 +26,10 @@ def convert(checkpoint: str, output: str, config_path: str | None = None, overri
     """Writes the run directory ``output``; returns the checkpoint path."""
     import tensorflow as tf
 
+    from mrcnn_tf import rundir
     from mrcnn_tf.checkpoint import make_checkpoint
-    from mrcnn_tf.config import load_config, to_dict
+    from mrcnn_tf.config import load_config
     from mrcnn_tf.model import build_model
-    from mrcnn_tf.training import write_label_map
     from mrcnn_tf.weights import coco_label_map, load_torchvision
 
     path = config_path or DEFAULT_CONFIG
@@ -41,13 +40,11 @@ def convert(checkpoint: str, output: str, config_path: str | None = None, overri
     model = build_model(config)
     n = load_torchvision(model, checkpoint)
     model.compile()  # a step-0 training checkpoint, as train.py's, with the optimiser slots
-    os.makedirs(os.path.join(output, "checkpoints"), exist_ok=True)
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(to_dict(config), f, indent=1)
-    ids, names = coco_label_map(config.model.num_classes)
-    write_label_map(output, ids, names)
+    os.makedirs(rundir.checkpoint_dir(output), exist_ok=True)
+    rundir.write_config(output, config)
+    rundir.write_labels(output, *coco_label_map(config.model.num_classes))
     manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer),
-                                         os.path.join(output, "checkpoints"), max_to_keep=1)
+                                         rundir.checkpoint_dir(output), max_to_keep=1)
     saved = manager.save(checkpoint_number=0)
     print(f"converted {n} tensors from {checkpoint} -> {saved}")
     return saved

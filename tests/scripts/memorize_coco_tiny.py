@@ -35,8 +35,8 @@ cfg = mrcnn_tf.load_config(os.path.join(repo, "configs", "shapes.yaml"), [
     f"train.decay_steps=[{int(steps * 0.75)}, {int(steps * 0.9)}]",
     f"train.checkpoint_every={steps}", "eval.batch_size=4"])
 keras.utils.set_random_seed(0)
-summary = train(cfg, tf.distribute.get_strategy(), model_dir, verbose=0)
-results = evaluate(model_predict_fn(summary["model"]), cfg,
+model, summary = train(cfg, tf.distribute.get_strategy(), model_dir, verbose=0)
+results = evaluate(model_predict_fn(model), cfg,
                    results_path=os.path.join(model_dir, "results.json"))
 print(json.dumps({"steps": summary["final_step"], "seconds": summary["seconds"],
                   "final_loss": summary["final_logs"].get("loss"),

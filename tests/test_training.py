@@ -571,37 +571,28 @@ def test_grouped_batch_losses_combine_single_image_losses(shared_data):
 
 
 def test_fit_traces_once_per_canvas(shared_data, caplog):
-    """model.fit over batches of several canvases: one trace of the training step per canvas
-    shape (static shapes), each logged, and the losses stay finite."""
+    """model.fit over batches of several canvases (the shapes-sized model on coco_tiny16's
+    photos, short side 96, long side <= 128): one trace of the training step per canvas shape
+    (static shapes), each logged, and the losses stay finite."""
     import logging
 
-    cfg, model = _small_torchvision(shared_data, ["model.rpn.post_nms_topk_train=300"])
+    tiny = shared_data / "coco_tiny16"
+    cfg = mrcnn_tf.load_config(SHAPES, [
+        "model.num_classes=80", "data.train.source=coco",
+        f"data.train.annotation_file={tiny}/instances_train2017.json",
+        f"data.train.image_dir={tiny}/train2017", "data.max_instances=32",
+        "model.preprocess.resize=short_long", "model.preprocess.short_size=96",
+        "model.preprocess.long_size=128", "data.canvas_long_sides=[96, 128]",
+        "train.batch_size=2"])
+    keras.utils.set_random_seed(0)
+    model = mrcnn_tf.build_model(cfg)
     model.compile()
     with caplog.at_level(logging.INFO, logger="mrcnn_tf"):
         hist = model.fit(build_dataset(cfg, training=True), steps_per_epoch=8, epochs=1,
                          verbose=0)
     traced = [r.getMessage() for r in caplog.records if "tracing the training step" in r.message]
     print("\n".join(traced))
-    shapes = [m.split("input shape ")[1] for m in traced]
+    shapes = [m.split("input shape ")[1].split(" (")[0] for m in traced]
     assert len(shapes) == len(set(shapes)) >= 2
+    assert set(shapes) <= {"(2, 96, 96, 3)", "(2, 96, 128, 3)", "(2, 128, 96, 3)"}
     assert all(np.isfinite(v[-1]) for v in hist.history.values())
-
-
-@pytest.mark.slow
-def test_kill_and_resume_loop_loses_at_most_checkpoint_every_steps(tmp_path):
-    """SIGKILL at random points five times, twice while a checkpoint is being written: every
-    resume starts from a complete, finite checkpoint no older than the last one announced."""
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" /
-                                              "kill_resume_loop.py"), str(tmp_path / "run"), "5"],
-                         capture_output=True, text=True, timeout=1500, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, indent=1))
-    assert len(out["rounds"]) == 5
-    assert any(r["killed_during_write"] for r in out["rounds"])
-    steps = [r["step"] for r in out["rounds"]]
-    assert steps == sorted(steps) and steps[-1] > 0
-    for r in out["rounds"]:
-        assert r["complete"] and r["lost_at_most_every"], r
-    assert out["final_exit"] == 0 and out["resumed_line"]
-    assert out["final_step"] == out["expected_final"]

@@ -22,8 +22,9 @@ its process's peak resident memory. Pairs:
   canvases, one trace per canvas), torchvision its reference loop (DataLoader with 2 workers,
   aspect-ratio grouped batches, its in-model resize and batch padding), Model Garden its input
   pipeline + its task's train_step (1024 square, ours configured as that model). Each process
-  times its first step, then one warm-up run and one timed run of ``--e2e_steps`` steps: median
-  seconds per step, images/s and peak RSS.
+  times its first step, then ``--e2e_warmup`` warm-up steps (ours traces a graph for each canvas
+  the first time one of its batches arrives) and ``--e2e_steps`` timed steps: median seconds per
+  step, images/s and peak RSS.
 
 Prints a markdown table with ratios ours/peer and writes the raw numbers as JSON.
 """
@@ -249,7 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="inference,train,data,e2e",
                    help="comma list of inference, train, data, e2e")
     p.add_argument("--batches", default="1,2", help="e2e: images per step, comma list")
-    p.add_argument("--e2e_steps", type=int, default=5, help="e2e: timed steps per process")
+    p.add_argument("--e2e_steps", type=int, default=6, help="e2e: timed steps per process")
+    p.add_argument("--e2e_warmup", type=int, default=6,
+                   help="e2e: warm-up steps per process after the first (new canvases trace)")
     p.add_argument("--e2e_rounds", type=int, default=2,
                    help="e2e: fresh processes per implementation, one at a time")
     p.add_argument("--peers", default="torchvision,modelgarden")
@@ -316,21 +319,22 @@ def _plan(args, precision, only, peers, info, inputs):
     if "e2e" in only and precision == "fp32":
         for batch in args.batches.split(","):
             e2e = ["--measure", "e2e", "--batch", batch, "--steps", str(args.e2e_steps),
-                   "--inputs", inputs, "--data_dir", args.data]
+                   "--warmup_steps", str(args.e2e_warmup), "--inputs", inputs, "--data_dir",
+                   args.data]
             if "torchvision" in peers:
                 plan.append((f"e2e (torchvision, coco128, batch {batch}, {precision})", "e2e", [
-                    ("ours", ours("e2e", "torchvision", *e2e[2:6], "--data_dir", args.data)),
+                    ("ours", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data)),
                     ("torchvision", [args.torch_python, str(WORKERS / "torchvision_worker.py"),
                                      *e2e])]))
             if "modelgarden" in peers:
                 plan.append((f"e2e (Model Garden, coco128, 1024, batch {batch}, {precision})",
                              "e2e", [
-                                 ("ours", ours("e2e", "modelgarden", *e2e[2:6], "--data_dir",
+                                 ("ours", ours("e2e", "modelgarden", *e2e[2:8], "--data_dir",
                                                args.data)),
                                  ("modelgarden", [args.modelgarden_python,
                                                   str(WORKERS / "modelgarden_worker.py"),
                                                   "--tfrecord", info["coco128_tfrecord"],
-                                                  *e2e[:6], "--inputs", inputs])]))
+                                                  *e2e[:8], "--inputs", inputs])]))
     if "torchvision" in peers:
         tv = [args.torch_python, str(WORKERS / "torchvision_worker.py"), "--inputs", inputs,
               "--precision", precision]

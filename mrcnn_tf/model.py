@@ -205,6 +205,25 @@ class MaskRCNN(keras.Model):
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         self.optimizer.build(self.trainable_variables)
 
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        """Compiles a model loaded from a ``.keras`` file with its saved optimiser (its state is
+        restored afterwards, so ``fit`` continues at the saved step)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
+        """Keras' export, for raw uint8 images [B, H, W, C] of any size by default (the
+        project's own TF Serving export, with image bytes, tf.Example inputs and pasted masks,
+        is ``mrcnn_tf.serving.export_saved_model``)."""
+        if input_signature is None and format == "tf_saved_model":
+            channels = self.backbone.input_channels
+            input_signature = [tf.TensorSpec([None, None, None, channels], tf.uint8, "images")]
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=input_signature, **kwargs)
+
     def make_train_function(self, force=False):
         if self.train_function is None or force:
             self.train_function = keras_compat.step_function(self, self.train_step, "training")

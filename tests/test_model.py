@@ -236,3 +236,60 @@ def test_r50_fpn_builds_and_matches_torchvision_parameter_count():
     assert total - frozen_bn == 44_401_393
     out = model(np.zeros((1, 64, 64, 3), np.uint8))
     assert out["detection_boxes"].shape == (1, 100, 4)
+
+
+def test_summary_lists_every_part_with_its_parameters(shapes_model):
+    lines = []
+    shapes_model.summary(print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    for layer in shapes_model.layers:
+        assert layer.name in text
+        if layer.count_params():
+            assert f"{layer.count_params():,}" in text, layer.name
+    assert f"Total params: {shapes_model.count_params():,}" in text
+    # compute_output_shape on every part, from the shapes Keras recorded when it was built.
+    for layer in shapes_model.layers:
+        assert layer.compute_output_shape(**layer._build_shapes_dict) is not None, layer.name
+
+
+def test_keras_file_resumes_training_at_its_step(tmp_path):
+    """A .keras file keeps the compile config and the optimiser state: loaded, it continues at
+    the saved step with the same learning rate and momentum."""
+    from mrcnn_tf.data import build_dataset
+
+    cfg = mrcnn_tf.load_config(SHAPES, ["train.batch_size=2", "data.train.num_images=8",
+                                        "train.warmup_steps=10"])
+    model = mrcnn_tf.build_model(cfg)
+    model.compile()
+    model.fit(build_dataset(cfg, True), steps_per_epoch=3, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert int(loaded.optimizer.iterations.numpy()) == 3
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(
+        float(model.optimizer.learning_rate))
+    for a, b in zip(model.optimizer.momentum_buffers, loaded.optimizer.momentum_buffers):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(b.numpy().any() for b in loaded.optimizer.momentum_buffers)
+    loaded.fit(build_dataset(cfg, True), steps_per_epoch=1, epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+
+
+def test_keras_export_needs_no_arguments_and_serves_like_our_signature(shapes_model, tmp_path):
+    from mrcnn_tf.serving import export_saved_model
+
+    shapes_model.export(str(tmp_path / "keras_export"))
+    export_saved_model(shapes_model, [1, 2, 3], ["a", "b", "c"], str(tmp_path / "ours"),
+                       ("image_tensor",))
+    image = tf.constant(np.random.default_rng(0).integers(0, 255, (1, 100, 140, 3), np.uint8))
+    keras_loaded = tf.saved_model.load(str(tmp_path / "keras_export"))
+    ours_loaded = tf.saved_model.load(str(tmp_path / "ours"))
+    keras_out = keras_loaded.serve(image)
+    ours = ours_loaded.signatures["image_tensor"](images=image)
+    n = int(ours["num_detections"][0])
+    assert int(keras_out["num_detections"][0]) == n > 0
+    np.testing.assert_allclose(keras_out["detection_boxes"][0, :n], ours["detection_boxes"][0, :n],
+                               atol=1e-3)
+    np.testing.assert_allclose(keras_out["detection_scores"][0, :n],
+                               ours["detection_scores"][0, :n], atol=1e-5)
+    np.testing.assert_array_equal(keras_out["detection_classes"][0, :n],
+                                  ours["detection_classes"][0, :n])

@@ -45,6 +45,8 @@ def main():
     p.add_argument("--batches", type=int, default=16, help="batches per data run")
     p.add_argument("--batch", type=int, default=1, help="images per step (measure=e2e)")
     p.add_argument("--steps", type=int, default=5, help="steps per run (measure=e2e)")
+    p.add_argument("--warmup_steps", type=int, default=5,
+                   help="steps of the second call, the warm-up (measure=e2e)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: Keras mixed_bfloat16 (bfloat16 compute, float32 weights)")
@@ -104,8 +106,8 @@ def main():
             import time
 
             times = []
-            steps = args.steps if state.get("warm") else 1  # the first call: one step
-            state["warm"] = True
+            steps = {0: 1, 1: args.warmup_steps}.get(state.get("calls", 0), args.steps)  # first: 1
+            state["calls"] = state.get("calls", 0) + 1
             for _ in range(steps):
                 t0 = time.perf_counter()
                 logs = state["fn"](state["it"])

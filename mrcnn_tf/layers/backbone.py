@@ -82,6 +82,13 @@ class Bottleneck(keras.layers.Layer):
         short = self.shortcut_norm(self.shortcut(x), training=training) if self.project else x
         return tf.nn.relu(y + short)
 
+    def compute_output_shape(self, input_shape):
+        def div(v):
+            return None if v is None else -(-v // self.stride)
+
+        return (input_shape[0], div(input_shape[1]), div(input_shape[2]),
+                self.filters * EXPANSION)
+
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride,
                 "stride_in_1x1": self.stride_in_1x1, "norm": self.norm,

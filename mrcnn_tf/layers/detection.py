@@ -53,6 +53,12 @@ class DetectionGenerator(keras.layers.Layer):
         out["detection_classes"] = tf.where(real, out["detection_classes"] + 1, 0)
         return out
 
+    def compute_output_shape(self, class_logits_shape=None, *args, input_shape=None, **kwargs):
+        b = (class_logits_shape or input_shape)[0]
+        d = self.max_detections
+        return {"detection_boxes": (b, d, 4), "detection_scores": (b, d),
+                "detection_classes": (b, d), "num_detections": (b,)}
+
     def get_config(self):
         return {**super().get_config(), "score_threshold": self.score_threshold,
                 "nms_threshold": self.nms_threshold, "max_detections": self.max_detections,

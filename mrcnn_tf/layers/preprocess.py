@@ -93,6 +93,14 @@ class Preprocessor(keras.layers.Layer):
         scales = tf.cast(image_sizes, tf.float32) / tf.cast(new_sizes, tf.float32)
         return {"images": out, "image_sizes": new_sizes, "scales": scales}
 
+    def compute_output_shape(self, images_shape=None, *args, input_shape=None, **kwargs):
+        b, h, w, c = images_shape or input_shape
+        if self.resize == "square":
+            h = w = -(-self.square_size // self.size_divisibility) * self.size_divisibility
+        else:
+            h = w = None  # depends on each image's aspect ratio
+        return {"images": (b, h, w, c), "image_sizes": (b, 2), "scales": (b, 2)}
+
     def _normalize(self, images):
         """(x - mean) / std with the 0..1 ImageNet statistics scaled to 0..255 pixels."""
         mean = tf.constant(self.pixel_mean, tf.float32) * 255.0

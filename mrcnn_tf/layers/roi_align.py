@@ -38,9 +38,12 @@ class MultilevelRoIAlign(keras.layers.Layer):
                                     self.aligned, self.min_level, self.max_level,
                                     self.canonical_size, self.canonical_level)
 
-    def compute_output_shape(self, features_shape, boxes_shape):
+    def compute_output_shape(self, features_shape=None, boxes_shape=None, input_shape=None):
+        # Keras' summary passes the shape of the first call argument as ``input_shape``.
+        features_shape = features_shape or input_shape
         c = features_shape[f"p{self.min_level}"][-1]
-        return (boxes_shape[0], boxes_shape[1], self.output_size, self.output_size, c)
+        b, n = (boxes_shape[0], boxes_shape[1]) if boxes_shape else (None, None)
+        return (b, n, self.output_size, self.output_size, c)
 
     def get_config(self):
         return {**super().get_config(), "output_size": self.output_size,

@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     results = {}
     t0 = time.time()
     for name, measure, workers in plan:
-        tag = f"{measure}-{workers[1][0]}-{name.split(', ')[-1].rstrip(')')}"
+        tag = "-".join([measure, workers[1][0]] + [part.replace(" ", "") for part in
+                                                   name.split("(")[1].rstrip(")").split(", ")[1:]])
         if measure in ("data", "e2e"):
             rounds = args.data_rounds if measure == "data" else args.e2e_rounds
             results[name] = run_sequential(tag, workers, rounds, logs)

@@ -48,13 +48,12 @@ def parse_args(argv=None):
 def export_run(model, config, model_dir: str) -> str:
     """Exports the trained model for TF Serving into MODEL_DIR/export/N (the next version)."""
     from mrcnn_tf.rundir import read_labels
-    from mrcnn_tf.serving import export_saved_model, next_version
+    from mrcnn_tf.serving import export_saved_model, next_version, serving_options
 
     base = os.path.join(model_dir, "export")
     path = os.path.join(base, str(next_version(base)))
     ids, names = read_labels(model_dir)
-    export_saved_model(model, ids, names, path, tuple(config.export.input_types),
-                       config.export.mask_output)
+    export_saved_model(model, ids, names, path, **serving_options(config))
     return path
 
 

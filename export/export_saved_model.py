@@ -7,6 +7,7 @@
 
 --model_dir takes the run's config.json, labels.json and latest checkpoint. With --checkpoint the
 labels come from the config's eval source (the COCO annotation file, or the synthetic classes).
+--input_type, --max_detections and --mask_output default to the config's export section.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="YAML config of the checkpoint")
     p.add_argument("--output", required=True, help="export base; the model goes to OUTPUT/N")
     p.add_argument("--version", type=int, default=None, help="default: the next free number")
-    p.add_argument("--input_type", default="image_tensor,image_bytes,tf_example")
-    p.add_argument("--max_detections", type=int, default=None)
-    p.add_argument("--mask_output", default="full", choices=("full", "box"))
+    p.add_argument("--input_type", default=None,
+                   help="comma list of image_tensor, image_bytes, tf_example (default: "
+                        "export.input_types); the first is serving_default")
+    p.add_argument("--max_detections", type=int, default=None,
+                   help="detections per image (default: export.max_detections)")
+    p.add_argument("--mask_output", default=None, choices=("full", "box"),
+                   help="full-resolution masks or 28x28 per box (default: export.mask_output)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
 
@@ -35,11 +40,16 @@ def main(argv=None) -> int:
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.config import ConfigError, load_config
     from mrcnn_tf.model import build_model
-    from mrcnn_tf.serving import export_saved_model, next_version
+    from mrcnn_tf.serving import export_saved_model, next_version, serving_options
 
     overrides = list(args.set)
     if args.max_detections is not None:
-        overrides.append(f"model.detection.max_detections={args.max_detections}")
+        overrides.append(f"export.max_detections={args.max_detections}")
+    if args.mask_output is not None:
+        overrides.append(f"export.mask_output={args.mask_output}")
+    if args.input_type is not None:
+        types = [t.strip() for t in args.input_type.split(",") if t.strip()]
+        overrides.append(f"export.input_types=[{', '.join(types)}]")
     try:
         if args.model_dir:
             from mrcnn_tf.rundir import read_run
@@ -57,7 +67,8 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    input_types = [t.strip() for t in args.input_type.split(",") if t.strip()]
+    options = serving_options(config)
+    input_types = options["input_types"]
     model = build_model(config)
     restore(model, checkpoint)
     version = args.version if args.version is not None else next_version(args.output)
@@ -66,7 +77,11 @@ def main(argv=None) -> int:
         print(f"error: {export_dir} exists; choose another --version", file=sys.stderr)
         return 2
     t0 = time.time()
-    export_saved_model(model, ids, names, export_dir, input_types, args.mask_output)
+    try:
+        export_saved_model(model, ids, names, export_dir, **options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"exported {checkpoint} to {export_dir} ({', '.join(input_types)}; "
           f"serving_default = {input_types[0]}) in {time.time() - t0:.1f} s")
     return 0

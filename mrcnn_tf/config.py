@@ -210,6 +210,10 @@ class MaskHeadConfig:
     class_agnostic: bool = opt(False, "one mask for all classes (paper: nearly as good)")
     loss: str = opt("bce", "per-pixel sigmoid BCE (paper) or dice (the notes)",
                     choices=("bce", "dice"))
+    static_rois: bool = opt(False, "run the mask head on a static int(box_head."
+                            "batch_size_per_image * positive_fraction) RoIs per image, positive"
+                            " or not (static shapes for XLA/TPUs), instead of on the batch's"
+                            " positives only (the references' cost; a dynamic size)")
     target: str = opt("binary", "mask targets: the RoIAlign of the ground-truth mask (adaptive"
                       " sampling, model.roi_align.aligned) thresholded at 0.5 (detectron2), or"
                       " kept soft (torchvision)", choices=("binary", "soft"))
@@ -320,7 +324,8 @@ class DataConfig:
     aug_scale_max: float = opt(1.0, "scale jitter upper bound", min=0.0, min_exclusive=True)
     keep_empty_images: bool = opt(False, "keep training images without annotations (torchvision"
                                   " drops them)")
-    shuffle_buffer: int = opt(1000, "shuffle buffer in images", min=1)
+    shuffle_buffer: int = opt(1000, "shuffle buffer in images, of TFRecord examples and of a"
+                              " cached source (a COCO JSON source shuffles all its images)", min=1)
     deterministic: bool = opt(False, "deterministic element order (slower)")
     cache: bool = opt(False, "cache decoded images in memory (small sets only)")
 
@@ -375,7 +380,9 @@ class ExportConfig:
     input_types: tuple[str, ...] = opt(("image_tensor", "image_bytes", "tf_example"),
                                        "serving signatures to write",
                                        choices=("image_tensor", "image_bytes", "tf_example"))
-    max_detections: int = opt(100, "detections per image in the exported model", min=1)
+    max_detections: int | None = opt(None, "detections per image in the exported model, at most"
+                                     " model.detection.max_detections (null: that many)",
+                                     min=1)
     mask_output: str = opt("full", "masks pasted at the original resolution or 28x28 per box",
                            choices=("full", "box"))
 

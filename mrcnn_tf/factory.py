@@ -1,8 +1,14 @@
-"""The one place that reads the model config and turns it into layers with plain kwargs."""
+"""The one place that reads the model's configuration: it turns ``config.model`` (and the two
+settings of other sections the model needs: ``data.mask_mode`` for its mask targets, and
+``train`` for its default optimiser and gradient clipping) into the parts MaskRCNN is made of,
+each taking plain keyword arguments.
+
+Read ``MaskRCNN.call`` for how the parts connect, then this module for how the config sets them.
+"""
 
 from __future__ import annotations
 
-from mrcnn_tf.config import ModelConfig
+from mrcnn_tf.config import Config, ModelConfig
 from mrcnn_tf.layers.backbone import ResNet
 from mrcnn_tf.layers.detection import DetectionGenerator
 from mrcnn_tf.layers.fpn import FPN
@@ -11,11 +17,13 @@ from mrcnn_tf.layers.preprocess import Preprocessor
 from mrcnn_tf.layers.proposals import ProposalGenerator
 from mrcnn_tf.layers.roi_align import MultilevelRoIAlign
 from mrcnn_tf.layers.rpn_head import RPNHead
-from mrcnn_tf.ops.anchors import num_anchors_per_location
+from mrcnn_tf.losses import Losses
+from mrcnn_tf.ops.anchors import AnchorGenerator
+from mrcnn_tf.targets import TargetAssigner
 
 
 def build_layers(m: ModelConfig) -> dict:
-    """All layers of a Mask R-CNN, keyed by the model attribute that holds them."""
+    """The Keras layers of a Mask R-CNN, keyed by the model attribute that holds them."""
     bb, fpn, rpn, ra = m.backbone, m.fpn, m.rpn, m.roi_align
     bh, mh, det, pp = m.box_head, m.mask_head, m.detection, m.preprocess
     fpn_levels = tuple(range(fpn.min_level, fpn.max_level + 1))
@@ -34,9 +42,9 @@ def build_layers(m: ModelConfig) -> dict:
         "fpn": FPN(fpn.channels, fpn.min_level, fpn.max_level, fpn.norm,
                    group_norm_groups=bb.group_norm_groups, name="fpn"),
         "rpn_head": RPNHead(
-            num_anchors=num_anchors_per_location(m.anchors.aspect_ratios, m.anchors.scales),
-            conv_channels=rpn.conv_channels, share_heads=rpn.share_heads, dropout=rpn.dropout,
-            objectness=rpn.objectness, levels=fpn_levels, name="rpn_head"),
+            num_anchors=anchor_generator(m).num_anchors, conv_channels=rpn.conv_channels,
+            share_heads=rpn.share_heads, dropout=rpn.dropout, objectness=rpn.objectness,
+            levels=fpn_levels, name="rpn_head"),
         "proposal_generator": ProposalGenerator(
             pre_nms_topk_train=rpn.pre_nms_topk_train, post_nms_topk_train=rpn.post_nms_topk_train,
             pre_nms_topk_test=rpn.pre_nms_topk_test, post_nms_topk_test=rpn.post_nms_topk_test,
@@ -59,3 +67,48 @@ def build_layers(m: ModelConfig) -> dict:
             max_detections=det.max_detections, min_box_size=det.min_box_size,
             box_coder_weights=bh.box_coder_weights, name="detection_generator"),
     }
+
+
+def anchor_generator(m: ModelConfig) -> AnchorGenerator:
+    a = m.anchors
+    return AnchorGenerator(a.sizes, a.aspect_ratios, a.scales, a.offset, a.round_to_int)
+
+
+def target_assigner(config: Config) -> TargetAssigner:
+    m = config.model
+    return TargetAssigner(
+        rpn_iou=(m.rpn.negative_iou, m.rpn.positive_iou),
+        rpn_low_quality=m.rpn.allow_low_quality_matches,
+        rpn_batch_size=m.rpn.batch_size_per_image,
+        rpn_positive_fraction=m.rpn.positive_fraction,
+        rpn_coder_weights=m.rpn.box_coder_weights,
+        roi_iou=(m.box_head.background_iou, m.box_head.foreground_iou),
+        roi_batch_size=m.box_head.batch_size_per_image,
+        roi_positive_fraction=m.box_head.positive_fraction,
+        roi_coder_weights=m.box_head.box_coder_weights,
+        static_foreground=m.mask_head.static_rois,
+        mini_masks=config.data.mask_mode == "mini", mask_aligned=m.roi_align.aligned,
+        soft_masks=m.mask_head.target == "soft")
+
+
+def losses(m: ModelConfig) -> Losses:
+    r = m.rpn
+    return Losses(
+        rpn_objectness=r.objectness_loss, focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
+        rpn_box=r.box_loss, rpn_beta=r.smooth_l1_beta, rpn_box_weights=r.box_loss_weights,
+        box_beta=m.box_head.smooth_l1_beta, mask=m.mask_head.loss,
+        weights={"loss_rpn_objectness": r.objectness_loss_weight,
+                 "loss_rpn_box": r.box_loss_weight,
+                 "loss_box_class": m.box_head.class_loss_weight,
+                 "loss_box_reg": m.box_head.box_loss_weight,
+                 "loss_mask": m.mask_head.loss_weight})
+
+
+def model_parts(config: Config) -> dict:
+    """Every constructor argument of MaskRCNN for ``config``."""
+    from mrcnn_tf.optim import build_optimizer
+
+    return {**build_layers(config.model), "anchor_generator": anchor_generator(config.model),
+            "targets": target_assigner(config), "loss_terms": losses(config.model),
+            "clip_norm": config.train.clip_norm,
+            "optimizer_factory": lambda: build_optimizer(config.train), "config": config}

@@ -7,6 +7,15 @@ condition for removing it.
    with unknown height and width. Here the batch is read eagerly and the step is a
    ``tf.function`` traced once per concrete input shape: one static-shape graph per canvas,
    a handful in all, each logged when first traced. Remove if Keras traces per input shape.
+2. ``skip_symbolic_build``: Keras 3.15's ``fit`` averages the first data batch over replicas to
+   trace a symbolic build; under MultiWorkerMirroredStrategy that collective fails on the image
+   tensors (keras-team/keras#20585). The model's weights, optimiser and metrics are already
+   built by ``build()`` and ``compile()``, so there is nothing to build. Remove once Keras skips
+   built models itself (tests/test_training.py::test_multi_worker_* guards this).
+3. ``multi_worker_logs``: Keras 3.15's ``fit`` reduces every log with
+   ``strategy.reduce(MEAN, axis=0)`` under MultiWorkerMirroredStrategy, which fails on scalars
+   (keras-team/keras#20585, tensorflow#72388). Logs of shape [1] make that reduce return the
+   scalar (the values are the same on every replica). Remove when Keras reduces scalars itself.
 """
 
 from __future__ import annotations
@@ -48,3 +57,17 @@ def step_function(model, step, what: str):
         return outputs
 
     return function
+
+
+def skip_symbolic_build(model) -> bool:
+    """Whether Keras' symbolic build can be skipped: everything is built already."""
+    return bool(model.built and model.optimizer is not None and model.optimizer.built)
+
+
+def multi_worker_logs(logs: dict) -> dict:
+    """``logs`` as [1]-shaped tensors under MultiWorkerMirroredStrategy (see 3. above)."""
+    strategy = tf.distribute.get_strategy()
+    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs

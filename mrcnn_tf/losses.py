@@ -27,6 +27,17 @@ def _normalizer(mask) -> tf.Tensor:
     return tf.maximum(global_sum(tf.reduce_sum(tf.cast(mask, tf.float32))), 1.0)
 
 
+def clip_by_global_norm(grads, clip_norm: float, loss_scale=1.0):
+    """Gradients scaled so that the norm of the gradient summed over replicas is at most
+    ``clip_norm``: every replica scales its share by the same factor (Keras' ``global_clipnorm``
+    clips each replica's share before they are summed). ``loss_scale``: the dynamic loss scale
+    the gradients still carry (mixed_float16)."""
+    norm = tf.sqrt(tf.add_n([global_sum(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
+                             for g in grads if g is not None])) / loss_scale
+    factor = tf.minimum(1.0, clip_norm / tf.maximum(norm, 1e-12))
+    return [g * tf.cast(factor, g.dtype) if g is not None else g for g in grads]
+
+
 def smooth_l1(diff: tf.Tensor, beta: float) -> tf.Tensor:
     """Elementwise smooth L1 (Huber / beta): 0.5 d^2 / beta if |d| < beta else |d| - beta / 2.
 
@@ -163,3 +174,57 @@ def mask_loss(logits: tf.Tensor, targets: tf.Tensor, classes: tf.Tensor, foregro
     per = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=picked),
                          axis=[2, 3])
     return tf.reduce_sum(per * fg) / _normalizer(foreground)
+
+
+class Losses:
+    """The five Mask R-CNN losses of a batch with their kinds and weights (no config). Built by
+    the factory; ``losses(...)`` -> {loss_rpn_objectness, loss_rpn_box, loss_box_class,
+    loss_box_reg, loss_mask}, each weighted.
+
+    Args:
+      rpn_objectness: "bce" or "focal" (``focal_alpha``, ``focal_gamma``); rpn_box:
+        "smooth_l1", "weighted_smooth_l1" (``rpn_box_weights``) or "giou"; rpn_beta: its smooth
+        L1 transition; box_beta: the RoI box loss's; mask: "bce" or "dice"; weights: {loss key:
+        weight}.
+    """
+
+    def __init__(self, rpn_objectness="bce", focal_alpha=0.25, focal_gamma=2.0,
+                 rpn_box="smooth_l1", rpn_beta=1.0 / 9.0, rpn_box_weights=(1.0, 1.0, 1.0, 1.0),
+                 box_beta=0.0, mask="bce", weights=None):
+        self.rpn_objectness, self.focal_alpha, self.focal_gamma = (rpn_objectness, focal_alpha,
+                                                                   focal_gamma)
+        self.rpn_box, self.rpn_beta = rpn_box, rpn_beta
+        self.rpn_box_weights = tuple(rpn_box_weights)
+        self.box_beta, self.mask = box_beta, mask
+        self.weights = dict(weights or {})
+
+    def __call__(self, rpn: dict, rpn_targets: dict, anchors, rpn_coder, box: dict, rois: dict,
+                 mask_logits, mask_targets) -> dict:
+        """rpn: the RPN head's ``objectness`` [B, N(, 2)] and ``deltas`` [B, N, 4] over all
+        levels; rpn_targets: :meth:`TargetAssigner.rpn`; anchors: [N, 4]; box: the box head's
+        outputs on ``rois`` (:meth:`TargetAssigner.rois`); mask_logits and mask_targets of the
+        RoIs of ``rois["fg"]``."""
+        fg = rois["fg"]
+        losses = {
+            "loss_rpn_objectness": rpn_objectness_loss(
+                rpn["objectness"], rpn_targets["labels"], rpn_targets["sampled"],
+                self.rpn_objectness, self.focal_alpha, self.focal_gamma),
+            "loss_rpn_box": rpn_box_loss(
+                rpn["deltas"], rpn_targets["box_targets"], rpn_targets["positive"],
+                rpn_targets["sampled"], self.rpn_box, self.rpn_beta, self.rpn_box_weights,
+                anchors, rpn_targets["matched_boxes"], rpn_coder),
+            "loss_box_class": box_class_loss(box["class_logits"], rois["classes"],
+                                             rois["valid"]),
+            "loss_box_reg": box_reg_loss(box["box_deltas"], rois["box_targets"],
+                                         rois["classes"], rois["foreground"], rois["valid"],
+                                         self.box_beta),
+            "loss_mask": mask_loss(mask_logits, mask_targets, fg["classes"], fg["foreground"],
+                                   self.mask),
+        }
+        return {k: self.weights.get(k, 1.0) * v for k, v in losses.items()}
+
+    def get_config(self) -> dict:
+        return {"rpn_objectness": self.rpn_objectness, "focal_alpha": self.focal_alpha,
+                "focal_gamma": self.focal_gamma, "rpn_box": self.rpn_box,
+                "rpn_beta": self.rpn_beta, "rpn_box_weights": list(self.rpn_box_weights),
+                "box_beta": self.box_beta, "mask": self.mask, "weights": dict(self.weights)}

@@ -8,12 +8,7 @@ import tensorflow as tf
 
 from mrcnn_tf import keras_compat
 from mrcnn_tf import losses as L
-from mrcnn_tf import targets as T
 from mrcnn_tf.config import Config, config_from_dict, to_dict
-from mrcnn_tf.factory import build_layers
-from mrcnn_tf.ops.anchors import multilevel_anchors
-from mrcnn_tf.ops.box_coder import BoxCoder
-from mrcnn_tf.ops.matcher import Matcher
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "detection_masks",
                   "num_detections")
@@ -46,22 +41,38 @@ class MaskRCNN(keras.Model):
         num_detections    [B] int32; rows past it are zero
 
     ``mrcnn_tf.paste_masks`` turns the masks into full-size binary masks.
-    The parts are handles for fine-tuning: ``backbone``, ``fpn``, ``rpn_head``, ``box_head``,
-    ``mask_head`` (e.g. ``model.backbone.trainable = False``).
+
+    Build it with ``mrcnn_tf.build_model(config)``: ``mrcnn_tf/factory.py`` reads the config and
+    hands this class its parts, which are also handles for fine-tuning (``backbone``, ``fpn``,
+    ``rpn_head``, ``box_head``, ``mask_head``; e.g. ``model.backbone.trainable = False``):
+    Keras layers, the ``anchor_generator``, the training ``targets`` (a
+    :class:`~mrcnn_tf.targets.TargetAssigner`), the ``loss_terms`` (a
+    :class:`~mrcnn_tf.losses.Losses`), the gradient ``clip_norm`` and a zero-argument
+    ``optimizer_factory`` for ``compile()``. ``config`` is what ``get_config()`` saves; the model
+    itself reads nothing of it.
     """
 
-    def __init__(self, config: Config | dict, **kwargs):
+    def __init__(self, *, preprocessor, backbone, fpn, rpn_head, anchor_generator,
+                 proposal_generator, box_roi_align, box_head, mask_roi_align, mask_head,
+                 detection_generator, targets, loss_terms, clip_norm=None, optimizer_factory=None,
+                 config=None, **kwargs):
         super().__init__(**kwargs)
-        self.cfg = config if isinstance(config, Config) else config_from_dict(config)
-        for name, layer in build_layers(self.cfg.model).items():
-            setattr(self, name, layer)
-        m = self.cfg.model
-        self.rpn_matcher = Matcher((m.rpn.negative_iou, m.rpn.positive_iou), (0, -1, 1),
-                                   m.rpn.allow_low_quality_matches)
-        self.roi_matcher = Matcher((m.box_head.background_iou, m.box_head.foreground_iou),
-                                   (0, -1, 1), allow_low_quality_matches=False)
-        self.rpn_coder = BoxCoder(m.rpn.box_coder_weights)
-        self.roi_coder = BoxCoder(m.box_head.box_coder_weights)
+        self.preprocessor = preprocessor
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn_head = rpn_head
+        self.anchor_generator = anchor_generator
+        self.proposal_generator = proposal_generator
+        self.box_roi_align = box_roi_align
+        self.box_head = box_head
+        self.mask_roi_align = mask_roi_align
+        self.mask_head = mask_head
+        self.detection_generator = detection_generator
+        self.targets = targets
+        self.loss_terms = loss_terms  # not ``losses``: Keras' regularisation losses
+        self.clip_norm = clip_norm
+        self.optimizer_factory = optimizer_factory
+        self.config = config
         self.loss_trackers = {k: keras.metrics.Mean(name=k) for k in LOSS_KEYS + ("loss",)}
 
     # -- the algorithm, one screen -----------------------------------------------------------
@@ -80,7 +91,49 @@ class MaskRCNN(keras.Model):
                                               proposals["boxes"], proposals["valid"],
                                               pre["image_sizes"])
         detections["detection_masks"] = self.predict_masks(features, detections, training)
-        return self.postprocess(detections, pre["scales"], original_sizes)
+        return self.postprocess(detections, pre["resize_factors"], original_sizes)
+
+    def forward_train(self, images, targets, training=True, return_targets=False):
+        """Losses of one batch from the data contract (mrcnn_tf.data.build_dataset).
+
+        Args:
+          images: [B, H, W, 3] at the model's scale (resized by the pipeline), each image's
+            content at the top left.
+          targets: ``gt_boxes`` [B, M, 4], ``gt_classes`` [B, M] (-1 padding), ``gt_masks``
+            [B, M, H, W] or mini-masks [B, M, m, m], ``image_info["image_size"]`` [B, 2].
+          return_targets: also return what the losses were computed against (for inspection).
+        Returns:
+          {loss_rpn_objectness, loss_rpn_box, loss_box_class, loss_box_reg, loss_mask}, each
+          already weighted, float32; with ``return_targets``, (losses, {"rpn": anchor labels
+          and samples (:meth:`TargetAssigner.rpn`), "rois": the sampled RoIs
+          (:meth:`TargetAssigner.rois`), "mask_targets": [B, F, 28, 28]}).
+        """
+        gt_boxes = tf.cast(targets["gt_boxes"], tf.float32)
+        gt_classes = tf.cast(targets["gt_classes"], tf.int32)
+        gt_valid = gt_classes > 0
+        pre = self.preprocessor(images, targets.get("image_info", {}).get("image_size"),
+                                resize=False)
+        features = self.fpn(self.backbone(pre["images"], training=training), training=training)
+        rpn = self.rpn_head(features, training=training)
+        anchors_by_level = self.anchors(features, tf.shape(pre["images"])[1:3])
+        anchors = tf.concat(anchors_by_level, 0)
+        rpn_targets = self.targets.rpn(anchors, gt_boxes, gt_valid)
+        proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors_by_level,
+                                            pre["image_sizes"], training=True)
+        rois = self.targets.rois(proposals["boxes"], proposals["valid"], gt_boxes, gt_classes,
+                                 gt_valid)
+        box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training)
+        mask_logits = self.mask_head(self.mask_roi_align(features, rois["fg"]["boxes"]),
+                                     training=training)
+        mask_targets = self.targets.masks(targets["gt_masks"], gt_boxes, rois["fg"]["boxes"],
+                                          rois["fg"]["matched"], pre["image_sizes"],
+                                          mask_logits.shape[2])
+        rpn_all = {k: tf.concat(v, axis=1) for k, v in rpn.items()}
+        losses = self.loss_terms(rpn_all, rpn_targets, anchors, self.targets.rpn_coder, box,
+                                 rois, mask_logits, mask_targets)
+        if return_targets:
+            return losses, {"rpn": rpn_targets, "rois": rois, "mask_targets": mask_targets}
+        return losses
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -91,15 +144,14 @@ class MaskRCNN(keras.Model):
         shape = tf.shape(images)
         return tf.tile(shape[None, 1:3], [shape[0], 1])
 
+    def _grids(self, features):
+        return {lv: (tf.shape(features[f"p{lv}"])[1], tf.shape(features[f"p{lv}"])[2])
+                for lv in self.rpn_head.levels}
+
     def anchors(self, features, image_size):
         """Anchors per RPN level, [H_l * W_l * A, 4] each, for the padded input size."""
-        a = self.cfg.model.anchors
-        levels = self.rpn_head.levels
-        grids = {lv: (tf.shape(features[f"p{lv}"])[1], tf.shape(features[f"p{lv}"])[2])
-                 for lv in levels}
-        by_level = multilevel_anchors((image_size[0], image_size[1]), grids, a.sizes,
-                                      a.aspect_ratios, a.scales, a.offset, a.round_to_int)
-        return [by_level[lv] for lv in levels]
+        by_level = self.anchor_generator((image_size[0], image_size[1]), self._grids(features))
+        return [by_level[lv] for lv in self.rpn_head.levels]
 
     def predict_masks(self, features, detections, training=False):
         """Mask probabilities [B, D, 28, 28] for each detection's class."""
@@ -115,93 +167,31 @@ class MaskRCNN(keras.Model):
         return tf.where(real[..., None, None], tf.sigmoid(tf.cast(picked, tf.float32)), 0.0)
 
     @staticmethod
-    def postprocess(detections, scales, original_sizes):
-        """Maps boxes from the resized frame back to each original image (torchvision's ratio)."""
-        s = tf.tile(tf.cast(scales, tf.float32), [1, 2])[:, None, :]  # (sy, sx, sy, sx)
-        boxes = detections["detection_boxes"] * s
+    def postprocess(detections, resize_factors, original_sizes):
+        """Maps boxes from the resized frame back to each original image: divided by each
+        image's resize factor (resized / original per axis, torchvision's ratio)."""
+        f = tf.tile(tf.cast(resize_factors, tf.float32), [1, 2])[:, None, :]  # (fy, fx, fy, fx)
+        boxes = detections["detection_boxes"] / f
         size = tf.tile(tf.cast(original_sizes, tf.float32), [1, 2])[:, None, :]
         boxes = tf.clip_by_value(boxes, 0.0, size)
         out = dict(detections)
         out["detection_boxes"] = boxes
         return {k: out[k] for k in DETECTION_KEYS}
 
-    # -- training: targets and losses inside the same forward pass -----------------------------
-
-    def forward_train(self, images, targets, training=True, return_targets=False):
-        """Losses of one batch from the data contract (mrcnn_tf.data.build_dataset).
-
-        Args:
-          images: [B, H, W, 3] at the model's scale (resized by the pipeline), each image's
-            content at the top left.
-          targets: ``gt_boxes`` [B, M, 4], ``gt_classes`` [B, M] (-1 padding), ``gt_masks``
-            [B, M, H, W] or mini-masks [B, M, m, m], ``image_info["image_size"]`` [B, 2].
-          return_targets: also return what the losses were computed against (for inspection).
-        Returns:
-          {loss_rpn_objectness, loss_rpn_box, loss_box_class, loss_box_reg, loss_mask}, each
-          already weighted, float32; with ``return_targets``, (losses, {"rpn": anchor labels
-          and samples of :func:`targets.rpn_targets`, "rois": the sampled RoIs of
-          :func:`targets.sample_rois`, "mask_targets": [B, F, 28, 28]}).
-        """
-        m = self.cfg.model
-        gt_boxes = tf.cast(targets["gt_boxes"], tf.float32)
-        gt_classes = tf.cast(targets["gt_classes"], tf.int32)
-        gt_valid = gt_classes > 0
-        sizes = targets.get("image_info", {}).get("image_size")
-        pre = self.preprocessor(images, sizes, resize=False)
-        features = self.fpn(self.backbone(pre["images"], training=training), training=training)
-        rpn = self.rpn_head(features, training=training)
-        anchors = self.anchors(features, tf.shape(pre["images"])[1:3])
-
-        rt = T.rpn_targets(tf.concat(anchors, 0), gt_boxes, gt_valid, self.rpn_matcher,
-                           self.rpn_coder, m.rpn.batch_size_per_image, m.rpn.positive_fraction)
-        objectness = tf.concat(rpn["objectness"], axis=1)
-        rpn_deltas = tf.concat(rpn["deltas"], axis=1)
-        proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors,
-                                            pre["image_sizes"], training=True)
-        rois = T.sample_rois(proposals["boxes"], proposals["valid"], gt_boxes, gt_classes,
-                             gt_valid, self.roi_matcher, self.roi_coder,
-                             m.box_head.batch_size_per_image, m.box_head.positive_fraction)
-        box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training)
-
-        fg = rois["fg"]
-        mask_logits = self.mask_head(self.mask_roi_align(features, fg["boxes"]),
-                                     training=training)
-        mask_targets = T.mask_targets(targets["gt_masks"], gt_boxes, fg["boxes"], fg["matched"],
-                                      pre["image_sizes"], mask_logits.shape[2],
-                                      self.cfg.data.mask_mode == "mini", m.roi_align.aligned,
-                                      soft=m.mask_head.target == "soft")
-        r = m.rpn
-        losses = {
-            "loss_rpn_objectness": r.objectness_loss_weight * L.rpn_objectness_loss(
-                objectness, rt["labels"], rt["sampled"], r.objectness_loss, r.focal_alpha,
-                r.focal_gamma),
-            "loss_rpn_box": r.box_loss_weight * L.rpn_box_loss(
-                rpn_deltas, rt["box_targets"], rt["positive"], rt["sampled"], r.box_loss,
-                r.smooth_l1_beta, r.box_loss_weights, tf.concat(anchors, 0), rt["matched_boxes"],
-                self.rpn_coder),
-            "loss_box_class": m.box_head.class_loss_weight * L.box_class_loss(
-                box["class_logits"], rois["classes"], rois["valid"]),
-            "loss_box_reg": m.box_head.box_loss_weight * L.box_reg_loss(
-                box["box_deltas"], rois["box_targets"], rois["classes"], rois["foreground"],
-                rois["valid"], m.box_head.smooth_l1_beta),
-            "loss_mask": m.mask_head.loss_weight * L.mask_loss(
-                mask_logits, mask_targets, fg["classes"], fg["foreground"], m.mask_head.loss),
-        }
-        if return_targets:
-            return losses, {"rpn": rt, "rois": rois, "mask_targets": mask_targets}
-        return losses
+    # -- Keras training ------------------------------------------------------------------------
 
     def compile(self, optimizer=None, jit_compile=False, **kwargs):
-        """Keras compile with this model's defaults: the config's optimiser when none is given,
-        and no XLA (``tf.image.crop_and_resize`` and ``combined_non_max_suppression`` have no XLA
-        kernel, so ``jit_compile="auto"`` must not switch it on on a GPU)."""
+        """Keras compile with this model's defaults: the optimiser of its config when none is
+        given, and no XLA (``tf.image.crop_and_resize`` and ``combined_non_max_suppression``
+        have no XLA kernel, so ``jit_compile="auto"`` must not switch it on on a GPU)."""
         if jit_compile not in (False, None, "auto"):
             raise ValueError("MaskRCNN cannot be jit-compiled: crop_and_resize and "
                              "combined_non_max_suppression have no XLA kernel")
         if optimizer is None:
-            from mrcnn_tf.optim import build_optimizer
-
-            optimizer = build_optimizer(self.cfg.train)
+            if self.optimizer_factory is None:
+                raise ValueError("MaskRCNN.compile: pass an optimizer (this model was built "
+                                 "without one; mrcnn_tf.build_model gives it the config's)")
+            optimizer = self.optimizer_factory()
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
         self.optimizer.build(self.trainable_variables)
 
@@ -212,37 +202,6 @@ class MaskRCNN(keras.Model):
         """Compiles a model loaded from a ``.keras`` file with its saved optimiser (its state is
         restored afterwards, so ``fit`` continues at the saved step)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
-
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
-               **kwargs):
-        """Keras' export, for raw uint8 images [B, H, W, C] of any size by default (the
-        project's own TF Serving export, with image bytes, tf.Example inputs and pasted masks,
-        is ``mrcnn_tf.serving.export_saved_model``)."""
-        if input_signature is None and format == "tf_saved_model":
-            channels = self.backbone.input_channels
-            input_signature = [tf.TensorSpec([None, None, None, channels], tf.uint8, "images")]
-        return super().export(filepath, format=format, verbose=verbose,
-                              input_signature=input_signature, **kwargs)
-
-    def make_train_function(self, force=False):
-        if self.train_function is None or force:
-            self.train_function = keras_compat.step_function(self, self.train_step, "training")
-        return self.train_function
-
-    def make_test_function(self, force=False):
-        if self.test_function is None or force:
-            self.test_function = keras_compat.step_function(self, self.test_step, "test")
-        return self.test_function
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15's fit() averages the first data batch over replicas to trace a symbolic
-        # build; under MultiWorkerMirroredStrategy that collective fails on the image tensors
-        # (keras-team/keras#20585). Weights, optimiser and metrics are already built by
-        # build() and compile(), so there is nothing to build. Remove once Keras skips built
-        # models itself (tests/test_training.py::test_multi_worker_* guards this).
-        if self.built and self.optimizer is not None and self.optimizer.built:
-            return None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     @property
     def metrics(self):
@@ -255,19 +214,10 @@ class MaskRCNN(keras.Model):
         self.loss_trackers["loss"].update_state(L.global_sum(total))
         logs = {k: t.result() for k, t in self.loss_trackers.items()}
         logs.update(extra)
-        strategy = tf.distribute.get_strategy()
-        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                and strategy.extended._in_multi_worker_mode()):
-            # Keras 3.15's fit() reduces every log with strategy.reduce(MEAN, axis=0) under
-            # MultiWorkerMirroredStrategy, which fails on scalars (keras-team/keras#20585,
-            # tensorflow#72388). Shape [1] makes that reduce return the scalar (the values are
-            # the same on every replica). Remove when Keras reduces scalars itself.
-            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
-        return logs
+        return keras_compat.multi_worker_logs(logs)
 
     def train_step(self, data):
         images, targets = data[0], data[1]
-        t = self.cfg.train
         variables = self.trainable_variables
         opt = self.optimizer
         with tf.GradientTape() as tape:
@@ -275,14 +225,10 @@ class MaskRCNN(keras.Model):
             total = tf.add_n(list(losses.values()))
             scaled = opt.scale_loss(total) if hasattr(opt, "scale_loss") else total
         grads = tape.gradient(scaled, variables)
-        loss_scale = tf.cast(opt.dynamic_scale, tf.float32) if hasattr(opt, "dynamic_scale") \
-            else 1.0
-        if t.clip_norm:
-            # Clip the replica-summed gradient: scale every replica's share by one factor.
-            norm = tf.sqrt(tf.add_n([L.global_sum(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
-                                     for g in grads if g is not None])) / loss_scale
-            factor = tf.minimum(1.0, t.clip_norm / tf.maximum(norm, 1e-12))
-            grads = [g * tf.cast(factor, g.dtype) if g is not None else g for g in grads]
+        if self.clip_norm:
+            loss_scale = (tf.cast(opt.dynamic_scale, tf.float32) if hasattr(opt, "dynamic_scale")
+                          else 1.0)
+            grads = L.clip_by_global_norm(grads, self.clip_norm, loss_scale)
         opt.apply_gradients(zip(grads, variables))
         return self._log(losses, total, learning_rate=tf.cast(opt.learning_rate, tf.float32))
 
@@ -297,25 +243,58 @@ class MaskRCNN(keras.Model):
 
     # -- Keras plumbing ------------------------------------------------------------------------
 
+    def make_train_function(self, force=False):
+        if self.train_function is None or force:
+            self.train_function = keras_compat.step_function(self, self.train_step, "training")
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is None or force:
+            self.test_function = keras_compat.step_function(self, self.test_step, "test")
+        return self.test_function
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if keras_compat.skip_symbolic_build(self):
+            return None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
+        """Keras' export, for raw uint8 images [B, H, W, C] of any size by default (the
+        project's own TF Serving export, with image bytes, tf.Example inputs and pasted masks,
+        is ``mrcnn_tf.serving.export_saved_model``)."""
+        if input_signature is None and format == "tf_saved_model":
+            channels = self.backbone.input_channels
+            input_signature = [tf.TensorSpec([None, None, None, channels], tf.uint8, "images")]
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=input_signature, **kwargs)
+
     def build(self, input_shape=None):
         """Creates every weight by running the model once on a small blank image."""
         if self.built:
             return
         self.built = True  # before the call, or Keras would call build again
-        channels = self.cfg.model.backbone.input_channels
+        channels = self.backbone.input_channels
         self(np.zeros((1, 64, 64, channels), np.uint8), training=False)
 
     def get_config(self):
-        return {"config": to_dict(self.cfg), "name": self.name}
+        if self.config is None:
+            raise NotImplementedError("a MaskRCNN assembled by hand has no config to save; "
+                                      "build it with mrcnn_tf.build_model(config)")
+        return {"config": to_dict(self.config), "name": self.name}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        from mrcnn_tf.factory import model_parts
+
+        cfg = config["config"]
+        cfg = cfg if isinstance(cfg, Config) else config_from_dict(cfg)
+        return cls(**model_parts(cfg), name=config.get("name", "mask_rcnn"))
 
 
 def build_model(config: Config) -> MaskRCNN:
     """A built MaskRCNN for ``config`` (weights created, ready to load or train)."""
-    model = MaskRCNN(config, name="mask_rcnn")
+    model = MaskRCNN.from_config({"config": config, "name": "mask_rcnn"})
     model.build()
     return model
 
@@ -329,7 +308,7 @@ def with_num_classes(model: MaskRCNN, num_classes: int) -> MaskRCNN:
     which are freshly initialised: the usual start of fine-tuning on a new dataset."""
     import dataclasses
 
-    cfg = model.cfg
+    cfg = model.config
     new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_classes=int(num_classes)))
     new = build_model(new_cfg)

@@ -68,16 +68,27 @@ class ServingModule(tf.Module):
     """Wraps a built MaskRCNN for export.
 
     Args:
-      model: the Keras model (its detection count is the export's D).
+      model: the Keras model.
       category_ids: dataset category id of each class 1..N.
       class_names: names, stored as ``assets/labels.json``.
       mask_output: "full" or "box".
+      max_detections: detections per image D (at most the model's; None: the model's).
+      mask_threshold, mask_paste: how 28x28 masks become full-resolution ones
+        (model.detection.mask_threshold and mask_paste).
     """
 
-    def __init__(self, model, category_ids, class_names, mask_output: str = "full"):
+    def __init__(self, model, category_ids, class_names, mask_output: str = "full",
+                 max_detections: int | None = None, mask_threshold: float = 0.5,
+                 mask_paste: str = "detectron2"):
         super().__init__()
         if mask_output not in ("full", "box"):
             raise ValueError(f"mask_output must be 'full' or 'box', got {mask_output!r}")
+        limit = model.detection_generator.max_detections
+        if max_detections is not None and max_detections > limit:
+            raise ValueError(f"export.max_detections ({max_detections}) cannot exceed the "
+                             f"model's model.detection.max_detections ({limit})")
+        self.max_detections = max_detections or limit
+        self.mask_threshold, self.mask_paste = float(mask_threshold), mask_paste
         # Only the underlying tf.Variables are saved, not the Keras objects around them: with
         # both in the object graph, TF1-style loaders (TF Serving, saved_model_cli run) restore
         # one copy of each weight while the functions read the other.
@@ -96,6 +107,10 @@ class ServingModule(tf.Module):
 
     def _run(self, images, sizes, errors):
         det = self.model({"images": images, "image_sizes": sizes}, training=False)
+        # Detections come sorted by score: keeping the first D keeps the best D.
+        det = {k: v if k == "num_detections" else v[:, : self.max_detections]
+               for k, v in det.items()}
+        det["num_detections"] = tf.minimum(det["num_detections"], self.max_detections)
         ok = tf.strings.length(errors) == 0
         num = tf.where(ok, det["num_detections"], 0)
         d = tf.shape(det["detection_scores"])[1]
@@ -117,8 +132,7 @@ class ServingModule(tf.Module):
         height = tf.reduce_max(sizes[:, 0])
         width = tf.reduce_max(sizes[:, 1])
 
-        det_cfg = self.model.cfg.model.detection
-        threshold, method = det_cfg.mask_threshold, det_cfg.mask_paste
+        threshold, method = self.mask_threshold, self.mask_paste
 
         def paste_one(args):  # one image at a time, one detection at a time: bounded memory
             m, b, size = args
@@ -190,15 +204,30 @@ def next_version(base: str) -> int:
 
 
 def export_saved_model(model, category_ids, class_names, export_dir: str,
-                       input_types=INPUT_TYPES, mask_output: str = "full") -> str:
+                       input_types=INPUT_TYPES, mask_output: str = "full",
+                       max_detections: int | None = None, mask_threshold: float = 0.5,
+                       mask_paste: str = "detectron2") -> str:
     """Writes a SavedModel with one signature per input type plus ``serving_default`` (the first
-    input type). Returns ``export_dir``."""
+    input type); the other arguments as :class:`ServingModule`'s (``serving_options(config)``
+    gives them from a configuration). Returns ``export_dir``."""
     unknown = [t for t in input_types if t not in INPUT_TYPES]
     if unknown or not input_types:
         raise ValueError(f"input types must be among {', '.join(INPUT_TYPES)}; got "
                          f"{list(input_types)}")
-    module = ServingModule(model, category_ids, class_names, mask_output)
+    module = ServingModule(model, category_ids, class_names, mask_output, max_detections,
+                           mask_threshold, mask_paste)
     signatures = {t: getattr(module, t).get_concrete_function() for t in input_types}
     signatures["serving_default"] = signatures[input_types[0]]
     tf.saved_model.save(module, export_dir, signatures=signatures)
     return export_dir
+
+
+def serving_options(config) -> dict:
+    """The keyword arguments of :func:`export_saved_model` that a configuration sets:
+    ``export.input_types``, ``export.mask_output``, ``export.max_detections`` and the model's
+    mask threshold and paste method."""
+    det = config.model.detection
+    return {"input_types": tuple(config.export.input_types),
+            "mask_output": config.export.mask_output,
+            "max_detections": config.export.max_detections,
+            "mask_threshold": det.mask_threshold, "mask_paste": det.mask_paste}

@@ -55,21 +55,25 @@ def rpn_targets(anchors: tf.Tensor, gt_boxes: tf.Tensor, gt_valid: tf.Tensor, ma
 
 def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Tensor,
                 gt_classes: tf.Tensor, gt_valid: tf.Tensor, matcher: Matcher, coder: BoxCoder,
-                batch_size_per_image: int | None, positive_fraction: float) -> dict:
+                batch_size_per_image: int | None, positive_fraction: float,
+                static_foreground: bool = False) -> dict:
     """Adds the ground truth to the proposals, matches, samples a fixed number of RoIs.
 
     Args:
       proposals: [B, P, 4] (stop-gradient) with proposal_valid [B, P].
       gt_boxes: [B, M, 4]; gt_classes: [B, M] int32; gt_valid: [B, M] bool.
       batch_size_per_image: S; None: no sampling, every proposal and ground truth (S = P + M).
+      static_foreground: the foreground slice ``fg`` has the static size F below instead of the
+        batch's largest positive count.
     Returns:
       ``boxes`` [B, S, 4]; ``valid`` [B, S]; ``foreground`` [B, S]; ``classes`` [B, S] int32
       (0 background, or the matched class); ``box_targets`` [B, S, 4] deltas; ``matched`` [B, S]
       int32 ground-truth index; ``match_labels`` [B, P + M] the labels of all candidates before
       sampling (1 foreground, 0 background, -1 ignored or padding); and ``fg``: the first five
-      keys for the F rows that can hold foreground RoIs, F = int(S * positive_fraction)
-      (without sampling: the largest positive count of the batch), for the mask head. Rows of
-      ``fg`` whose ``foreground`` is False are padding.
+      keys for the first F rows, which hold every foreground RoI, for the mask head: F is the
+      largest positive count of the batch (a dynamic size: the mask head runs on positives only,
+      as in the references), or with ``static_foreground`` int(S * positive_fraction) (S
+      without sampling). Rows of ``fg`` whose ``foreground`` is False are padding.
     """
     boxes = tf.concat([tf.stop_gradient(proposals), gt_boxes], axis=1)
     valid = tf.concat([proposal_valid, gt_valid], axis=1)
@@ -85,11 +89,11 @@ def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Te
     target_boxes = tf.gather(gt_boxes, roi_matched, batch_dims=1)
     out = {"boxes": rois, "valid": sample["valid"], "foreground": fg, "classes": classes,
            "matched": roi_matched}
-    # The sampler puts positives first, so the foreground rows are a prefix. Without sampling,
-    # it is as long as the batch's largest positive count: a dynamic size, in a mode meant for
-    # parity checks, which saves running the mask head on thousands of background rows.
-    if batch_size_per_image is None:
+    # The sampler puts positives first, so the foreground rows are a prefix.
+    if not static_foreground:
         rows = tf.maximum(tf.reduce_max(sample["num_positive"]), 1)
+    elif batch_size_per_image is None:
+        rows = None
     else:
         rows = int(batch_size_per_image * positive_fraction)
     out["fg"] = {k: v[:, :rows] for k, v in out.items()}
@@ -126,3 +130,52 @@ def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matc
         content_sizes = tf.tile(tf.shape(gt_masks)[None, 2:4], [tf.shape(gt_masks)[0], 1])
     targets = roi_align_masks(gt_masks, rois, matched, content_sizes, size, aligned)
     return targets if soft else tf.cast(targets >= 0.5, tf.float32)
+
+
+class TargetAssigner:
+    """The training targets of a batch, with their settings (no config): anchor labels and
+    samples, sampled RoIs, and mask targets. Built by the factory.
+
+    Args:
+      rpn_iou: (negative below, positive from) IoU thresholds of anchors; rpn_low_quality: the
+        best anchor of each object is positive too; rpn_batch_size / rpn_positive_fraction:
+        anchors sampled per image (None: all); rpn_coder: deltas of anchors.
+      roi_iou, roi_batch_size, roi_positive_fraction, roi_coder: the same for RoIs;
+        static_foreground: see :func:`sample_rois`.
+      mini_masks: ground-truth masks are mini-masks inside their boxes; mask_aligned: the
+        RoIAlign convention of the mask targets; soft_masks: keep them soft (torchvision).
+    """
+
+    def __init__(self, rpn_iou=(0.3, 0.7), rpn_low_quality=True, rpn_batch_size=256,
+                 rpn_positive_fraction=0.5, rpn_coder_weights=(1.0, 1.0, 1.0, 1.0),
+                 roi_iou=(0.5, 0.5), roi_batch_size=512, roi_positive_fraction=0.25,
+                 roi_coder_weights=(10.0, 10.0, 5.0, 5.0), static_foreground=False,
+                 mini_masks=False, mask_aligned=True, soft_masks=False):
+        self.config = {k: (list(v) if isinstance(v, tuple) else v)
+                       for k, v in dict(locals()).items() if k != "self"}
+        self.rpn_matcher = Matcher(rpn_iou, (0, -1, 1), rpn_low_quality)
+        self.roi_matcher = Matcher(roi_iou, (0, -1, 1), allow_low_quality_matches=False)
+        self.rpn_coder, self.roi_coder = BoxCoder(rpn_coder_weights), BoxCoder(roi_coder_weights)
+        self.rpn_batch_size, self.rpn_positive_fraction = rpn_batch_size, rpn_positive_fraction
+        self.roi_batch_size, self.roi_positive_fraction = roi_batch_size, roi_positive_fraction
+        self.static_foreground = static_foreground
+        self.mini_masks, self.mask_aligned, self.soft_masks = mini_masks, mask_aligned, soft_masks
+
+    def rpn(self, anchors, gt_boxes, gt_valid) -> dict:
+        """:func:`rpn_targets` with these settings."""
+        return rpn_targets(anchors, gt_boxes, gt_valid, self.rpn_matcher, self.rpn_coder,
+                           self.rpn_batch_size, self.rpn_positive_fraction)
+
+    def rois(self, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid) -> dict:
+        """:func:`sample_rois` with these settings."""
+        return sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                           self.roi_matcher, self.roi_coder, self.roi_batch_size,
+                           self.roi_positive_fraction, self.static_foreground)
+
+    def masks(self, gt_masks, gt_boxes, rois, matched, content_sizes, size: int):
+        """:func:`mask_targets` with these settings."""
+        return mask_targets(gt_masks, gt_boxes, rois, matched, content_sizes, size,
+                            self.mini_masks, self.mask_aligned, self.soft_masks)
+
+    def get_config(self) -> dict:
+        return dict(self.config)

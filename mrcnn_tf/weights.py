@@ -190,21 +190,22 @@ def resnet_mapping(backbone, prefix: str = "") -> list[tuple[str, object, object
 
 def torchvision_mapping(model) -> list[tuple[str, object, object]]:
     """(torchvision key, our variable, numpy transform) for every weight of ``model``."""
-    m = model.cfg.model
+    bb, fpn, rpn = model.backbone, model.fpn, model.rpn_head
+    bh, mh = model.box_head, model.mask_head
     problems = []
-    if m.backbone.stride_in_1x1:
+    if bb.stride_in_1x1:
         problems.append("model.backbone.stride_in_1x1 must be false (stride on the 3x3 conv)")
-    if m.backbone.norm not in ("frozen_bn", "bn", "sync_bn"):
+    if bb.norm not in ("frozen_bn", "bn", "sync_bn"):
         problems.append("model.backbone.norm must be frozen_bn (or bn)")
-    if m.fpn.norm != "none" or m.mask_head.norm != "none" or m.box_head.norm != "none":
+    if fpn.norm != "none" or mh.norm != "none" or bh.norm != "none":
         problems.append("fpn/box_head/mask_head norm must be none (v1 model)")
-    if not m.rpn.share_heads or m.rpn.objectness != "sigmoid":
+    if not rpn.share_heads or rpn.objectness != "sigmoid":
         problems.append("model.rpn must share one head with sigmoid objectness")
-    if m.rpn.conv_channels != m.fpn.channels:
+    if rpn.conv_channels != fpn.channels:
         problems.append("model.rpn.conv_channels must equal model.fpn.channels")
-    if m.box_head.type != "2fc" or m.box_head.class_agnostic or m.mask_head.class_agnostic:
+    if bh.head_type != "2fc" or bh.class_agnostic or mh.class_agnostic:
         problems.append("model.box_head must be type 2fc with per-class deltas and masks")
-    if m.fpn.min_level != 2 or m.fpn.max_level != 6:
+    if fpn.min_level != 2 or fpn.max_level != 6:
         problems.append("model.fpn must have levels 2..6")
     if problems:
         raise WeightsError("the model is not torchvision's Mask R-CNN architecture: "
@@ -228,7 +229,8 @@ def torchvision_mapping(model) -> list[tuple[str, object, object]]:
     ]
     bh = model.box_head
     entries += [
-        ("roi_heads.box_head.fc6.weight", bh.fcs[0].kernel, _fc6(m.roi_align.box_output_size)),
+        ("roi_heads.box_head.fc6.weight", bh.fcs[0].kernel,
+         _fc6(model.box_roi_align.output_size)),
         ("roi_heads.box_head.fc6.bias", bh.fcs[0].bias, _identity),
         ("roi_heads.box_head.fc7.weight", bh.fcs[1].kernel, _linear),
         ("roi_heads.box_head.fc7.bias", bh.fcs[1].bias, _identity),
@@ -320,9 +322,8 @@ def load_backbone_weights(model, path: str) -> int:
     """
     from mrcnn_tf.layers.backbone import load_keras_applications_resnet50
 
-    m = model.cfg.model
+    bb, pp = model.backbone, model.preprocessor
     if path.endswith(".h5"):
-        pp = m.preprocess
         if not (np.allclose(pp.pixel_mean, CAFFE_MEAN_RGB) and np.allclose(pp.pixel_std,
                                                                            CAFFE_STD)):
             raise WeightsError(
@@ -337,11 +338,11 @@ def load_backbone_weights(model, path: str) -> int:
         stem.assign(stem.numpy()[:, :, ::-1, :])  # BGR -> RGB input channels
         return len(model.backbone.weights)
     problems = []
-    if m.backbone.stride_in_1x1:
+    if bb.stride_in_1x1:
         problems.append("model.backbone.stride_in_1x1 must be false (torchvision's ResNet has "
                         "its stride on the 3x3 conv)")
-    if m.backbone.norm not in ("frozen_bn", "bn", "sync_bn"):
-        problems.append(f"model.backbone.norm={m.backbone.norm} cannot take batch-norm "
+    if bb.norm not in ("frozen_bn", "bn", "sync_bn"):
+        problems.append(f"model.backbone.norm={bb.norm} cannot take batch-norm "
                         "statistics; use frozen_bn or bn")
     if problems:
         raise WeightsError(f"{path}: " + "; ".join(problems))

@@ -96,13 +96,13 @@ def test_keras_save_and_weights_round_trip(shapes_model, tmp_path):
     path = str(tmp_path / "m.keras")
     shapes_model.save(path)
     loaded = keras.models.load_model(path)
-    assert isinstance(loaded, mrcnn_tf.MaskRCNN) and loaded.cfg == shapes_model.cfg
+    assert isinstance(loaded, mrcnn_tf.MaskRCNN) and loaded.config == shapes_model.config
     out = loaded(images)
     for k in ref:
         np.testing.assert_array_equal(ref[k].numpy(), out[k].numpy())
     wpath = str(tmp_path / "m.weights.h5")
     shapes_model.save_weights(wpath)
-    other = mrcnn_tf.build_model(shapes_model.cfg)
+    other = mrcnn_tf.build_model(shapes_model.config)
     other.load_weights(wpath)
     out = other(images)
     for k in ref:
@@ -119,7 +119,7 @@ def test_tf_checkpoint_restores_every_weight(shapes_model, tmp_path):
     from mrcnn_tf.checkpoint import make_checkpoint, restore
 
     path = make_checkpoint(shapes_model).save(str(tmp_path / "ckpt"))
-    other = mrcnn_tf.build_model(shapes_model.cfg)
+    other = mrcnn_tf.build_model(shapes_model.config)
     restore(other, path)
     assert len(other.weights) == len(shapes_model.weights)
     for a, b in zip(shapes_model.weights, other.weights):
@@ -131,11 +131,11 @@ def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_mod
     written with one must restore into another."""
     from mrcnn_tf.checkpoint import make_checkpoint, restore
 
-    first = mrcnn_tf.build_model(shapes_model.cfg)
+    first = mrcnn_tf.build_model(shapes_model.config)
     first.compile()
     first.optimizer.iterations.assign(7)
     path = make_checkpoint(first, first.optimizer).save(str(tmp_path / "ckpt"))
-    second = mrcnn_tf.build_model(shapes_model.cfg)
+    second = mrcnn_tf.build_model(shapes_model.config)
     second.compile()
     assert second.optimizer.variables[0].path.split("/")[0] != \
         first.optimizer.variables[0].path.split("/")[0]
@@ -143,18 +143,18 @@ def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_mod
     assert int(second.optimizer.iterations.numpy()) == 7
     # Checkpoints written before (keys with the optimiser's name, "sgd" in a fresh process)
     # still resume.
-    old = mrcnn_tf.build_model(shapes_model.cfg)
+    old = mrcnn_tf.build_model(shapes_model.config)
     old.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, name="sgd"))
     old.optimizer.iterations.assign(5)
     legacy = make_checkpoint(old, old.optimizer, legacy_optimizer_keys=True).save(
         str(tmp_path / "legacy"))
-    third = mrcnn_tf.build_model(shapes_model.cfg)
+    third = mrcnn_tf.build_model(shapes_model.config)
     third.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, name="sgd"))
     restore(third, legacy, third.optimizer)
     assert int(third.optimizer.iterations.numpy()) == 5
     # Into today's optimiser (torch's momentum buffer, not Keras' -lr * buffer): weights and
     # step carry over, the momentum restarts from zero.
-    fourth = mrcnn_tf.build_model(shapes_model.cfg)
+    fourth = mrcnn_tf.build_model(shapes_model.config)
     fourth.compile()
     for v in fourth.optimizer.momentum_buffers:
         v.assign(tf.ones_like(v))
@@ -166,7 +166,7 @@ def test_training_checkpoint_restores_whatever_the_optimizer_is_named(shapes_mod
 
 
 def test_handles_freeze_and_new_num_classes(shapes_model):
-    model = mrcnn_tf.build_model(shapes_model.cfg)
+    model = mrcnn_tf.build_model(shapes_model.config)
     model.set_weights(shapes_model.get_weights())
     n_all = len(model.trainable_weights)
     n_backbone = len(model.backbone.trainable_weights)
@@ -174,7 +174,7 @@ def test_handles_freeze_and_new_num_classes(shapes_model):
     model.backbone.trainable = False
     assert len(model.trainable_weights) == n_all - n_backbone
     new = mrcnn_tf.with_num_classes(model, 7)
-    assert new.cfg.model.num_classes == 7 and not new.backbone.trainable
+    assert new.config.model.num_classes == 7 and not new.backbone.trainable
     old_w = {w.path.split("/", 1)[1]: w.numpy() for w in model.weights}
     changed = []
     for w in new.weights:

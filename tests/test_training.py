@@ -56,12 +56,14 @@ def test_every_head_changes_after_20_steps():
 
 
 def test_loss_falls_when_overfitting_one_batch():
-    cfg, model = _model(["train.base_learning_rate=0.02", "train.warmup_steps=0"])
+    # At 0.01 the loss falls to about 0.37x in 40 steps; at 0.02 it oscillates (0.32x, then
+    # 0.5x), so the end point depends on float summation order.
+    cfg, model = _model(["train.base_learning_rate=0.01", "train.warmup_steps=0"])
     data = tf.data.Dataset.from_tensors(_fixed_batch(cfg)).repeat()
     hist = model.fit(data, steps_per_epoch=1, epochs=40, verbose=0)
     loss = hist.history["loss"]
     print(f"overfit one batch: loss {loss[0]:.3f} -> {loss[-1]:.3f}")
-    assert loss[-1] < 0.5 * loss[0]
+    assert np.mean(loss[-5:]) < 0.5 * loss[0]
 
 
 def test_fixed_seed_loss_tripwire():
@@ -541,7 +543,7 @@ def _small_torchvision(shared_data, extra=()):
     with np.load(REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz") as f:
         load_torchvision(model, {k[3:]: f[k] for k in f.files if k.startswith("sd/")})
     model = mrcnn_tf.with_num_classes(model, 80)
-    return model.cfg, model
+    return model.config, model
 
 
 def test_grouped_batch_losses_combine_single_image_losses(shared_data):

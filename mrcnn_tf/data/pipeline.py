@@ -39,19 +39,19 @@ def _check_source(src: SourceConfig, key: str) -> None:
 
 def source_info(config: Config, training: bool) -> SourceInfo:
     """Class names and category ids of the train or eval source (reads the COCO JSON once)."""
-    key = "data.train" if training else "data.eval"
-    src = config.data.train if training else config.data.eval
-    _check_source(src, key)
+    spec = dataset_spec(config, training)
+    src = spec["source"]
+    _check_source(src, spec["key"])
     if src.source == "shapes":
         return SourceInfo(list(shapes_lib.CLASS_NAMES), [1, 2, 3], src.num_images)
     if src.source == "coco" or src.annotation_file:
         coco = CocoDataset(src.annotation_file, src.image_dir or "",
-                           keep_empty_images=not training or config.data.keep_empty_images,
-                           max_instances=config.data.max_instances,
+                           keep_empty_images=spec["keep_empty_images"],
+                           max_instances=spec["max_instances"],
                            check_files=src.source == "coco")
         coco.report.log_summary()
         return SourceInfo(coco.class_names, coco.category_ids, len(coco.records), coco)
-    n = config.model.num_classes
+    n = spec["num_classes"]
     return SourceInfo([str(i) for i in range(1, n + 1)], list(range(1, n + 1)), None)
 
 
@@ -156,7 +156,7 @@ def _coco_examples(info: SourceInfo, training, seed, input_context):
     return ds.map(load, num_parallel_calls=AUTOTUNE).filter(usable)
 
 
-def _tfrecord_examples(src, info, training, seed, input_context, deterministic):
+def _tfrecord_examples(src, info, training, seed, input_context, deterministic, shuffle_buffer):
     files = tf.io.gfile.glob(src.tfrecord_pattern)
     if not files:
         raise DataError(f"data: no TFRecord files match {src.tfrecord_pattern!r}")
@@ -168,7 +168,7 @@ def _tfrecord_examples(src, info, training, seed, input_context, deterministic):
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if training:
-        ds = ds.shuffle(1000, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ids = info.category_ids if info.coco is not None else None
     return ds.map(lambda s: parse_example(s, ids), num_parallel_calls=AUTOTUNE)
 
@@ -194,6 +194,23 @@ def _shapes_examples(src, size, training, seed, input_context):
     return ds.map(load, num_parallel_calls=AUTOTUNE)
 
 
+def dataset_spec(config: Config, training: bool) -> dict:
+    """Everything :func:`build_dataset` takes from the configuration (its one reader of it)."""
+    d, pp = config.data, config.model.preprocess
+    src = d.train if training else d.eval
+    return {
+        "key": "data.train" if training else "data.eval", "source": src,
+        "num_classes": config.model.num_classes, "transform": transform_params(config),
+        "batch_size": config.train.batch_size if training else config.eval.batch_size,
+        "deterministic": d.deterministic or not training,
+        "seed": config.train.seed if d.deterministic else None,
+        "cache": d.cache, "shuffle_buffer": d.shuffle_buffer,
+        "shapes_size": pp.square_size if pp.resize == "square" else d.image_size,
+        "keep_empty_images": not training or d.keep_empty_images,
+        "max_instances": d.max_instances,
+    }
+
+
 def build_dataset(config: Config, training: bool, batch_size: int | None = None,
                   input_context: tf.distribute.InputContext | None = None,
                   info: SourceInfo | None = None) -> tf.data.Dataset:
@@ -209,7 +226,8 @@ def build_dataset(config: Config, training: bool, batch_size: int | None = None,
       targets: ``gt_boxes`` [B, M, 4] float32 (y1, x1, y2, x2) pixels of the padded frame;
         ``gt_classes`` [B, M] int32 (1..N, -1 padding); ``gt_masks`` [B, M, H, W] uint8 (or
         [B, M, m, m] mini-masks inside each box); ``image_info``: ``image_id`` [B] int64,
-        ``original_size`` [B, 2], ``image_size`` [B, 2] (content size), ``scale`` [B, 2].
+        ``original_size`` [B, 2], ``image_size`` [B, 2] (content size), ``resize_factor`` [B, 2]
+        (resized / original).
       Training batches drop the remainder (static shapes); evaluation keeps every image.
 
     Args:
@@ -219,35 +237,33 @@ def build_dataset(config: Config, training: bool, batch_size: int | None = None,
         reads its own shard.
       info: a :func:`source_info` result to reuse (it reads the annotation file).
     """
-    key = "data.train" if training else "data.eval"
-    src = config.data.train if training else config.data.eval
+    spec = dataset_spec(config, training)
+    key, src = spec["key"], spec["source"]
     _check_source(src, key)
     info = info or source_info(config, training)
-    if len(info.class_names) != config.model.num_classes:
+    if len(info.class_names) != spec["num_classes"]:
         raise ConfigError(f"{key} has {len(info.class_names)} categories but "
-                          f"model.num_classes is {config.model.num_classes}")
-    params = transform_params(config)
+                          f"model.num_classes is {spec['num_classes']}")
+    params = spec["transform"]
     if batch_size is None:
-        batch_size = config.train.batch_size if training else config.eval.batch_size
+        batch_size = spec["batch_size"]
         if input_context is not None:
             batch_size = input_context.get_per_replica_batch_size(batch_size)
-    deterministic = config.data.deterministic or not training
-    seed = config.train.seed if config.data.deterministic else None
+    deterministic, seed = spec["deterministic"], spec["seed"]
 
     if src.source == "coco":
         ds = _coco_examples(info, training, seed, input_context)
     elif src.source == "tfrecord":
-        ds = _tfrecord_examples(src, info, training, seed, input_context, deterministic)
+        ds = _tfrecord_examples(src, info, training, seed, input_context, deterministic,
+                                spec["shuffle_buffer"])
     else:
-        ds = _shapes_examples(src, config.model.preprocess.square_size
-                              if config.model.preprocess.resize == "square"
-                              else config.data.image_size, training, seed, input_context)
+        ds = _shapes_examples(src, spec["shapes_size"], training, seed, input_context)
     # A file that passed the cheap checks but fails to decode is skipped, not fatal.
     ds = ds.ignore_errors(log_warning=True)
-    if config.data.cache:
+    if spec["cache"]:
         ds = ds.cache()
         if training:
-            ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(spec["shuffle_buffer"], seed=seed, reshuffle_each_iteration=True)
     if training:
         ds = ds.repeat()
     ds = ds.map(lambda e: transform(e, params, training), num_parallel_calls=AUTOTUNE)

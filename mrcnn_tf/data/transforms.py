@@ -78,7 +78,7 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
     targets: ``gt_boxes`` [M, 4] float32 pixels of the padded frame, ``gt_classes`` [M] int32
     (-1 padding), ``gt_masks`` [M, H, W] uint8 (full) or [M, m, m] uint8 (mini: the mask inside
     its box), ``image_info``: {``image_id`` int64, ``original_size`` [2] int32, ``image_size``
-    [2] int32 content size in the canvas, ``scale`` [2] float32 resized / original}.
+    [2] int32 content size in the canvas, ``resize_factor`` [2] float32 resized / original}.
     """
     image = example["image"]
     boxes = tf.reshape(tf.cast(example["boxes"], tf.float32), [-1, 4])
@@ -92,10 +92,10 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
     if training and (p.aug_scale_min != 1.0 or p.aug_scale_max != 1.0):
         jitter = tf.random.uniform([], p.aug_scale_min, p.aug_scale_max)
         new = tf.maximum(tf.cast(tf.round(tf.cast(new, tf.float32) * jitter), tf.int32), 1)
-    scale = tf.cast(new, tf.float32) / tf.cast(orig, tf.float32)  # [sy, sx]
+    resize_factor = tf.cast(new, tf.float32) / tf.cast(orig, tf.float32)  # [fy, fx]
 
     image = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear")
-    boxes = boxes * tf.tile(scale, [2])[None, :]
+    boxes = boxes * tf.tile(resize_factor, [2])[None, :]
     masks = _resize_masks(masks, new, p.mask_resize)
 
     if training and p.hflip:
@@ -148,7 +148,7 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
             "image_id": tf.cast(example["image_id"], tf.int64),
             "original_size": tf.cast(orig, tf.int32),
             "image_size": tf.cast(size, tf.int32),
-            "scale": scale,
+            "resize_factor": resize_factor,
         },
     }
     return image, targets

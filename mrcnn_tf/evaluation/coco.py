@@ -75,14 +75,15 @@ class CocoEvaluator:
             model's scale): detection_boxes [B, D, 4], scores, classes (1..N), masks
             [B, D, 28, 28] inside each box (or [B, D, H, W] binary masks of the given frame, as
             an exported model returns them), num_detections [B].
-          image_info: image_id [B], original_size [B, 2], scale [B, 2] (resized / original).
+          image_info: image_id [B], original_size [B, 2], resize_factor [B, 2] (resized /
+            original).
         """
         det = {k: np.asarray(v) for k, v in detections.items()}
         info = {k: np.asarray(v) for k, v in image_info.items()}
         for b in range(det["num_detections"].shape[0]):
             image_id = int(info["image_id"][b])
             h, w = (int(v) for v in info["original_size"][b])
-            sy, sx = (float(v) for v in info["scale"][b])
+            sy, sx = (float(v) for v in info["resize_factor"][b])
             n = int(det["num_detections"][b])
             self.image_ids.append(image_id)
             if n == 0:
@@ -126,7 +127,7 @@ class CocoEvaluator:
         for b in range(classes_b.shape[0]):
             image_id = int(info["image_id"][b])
             h, w = (int(v) for v in info["original_size"][b])
-            sy, sx = (float(v) for v in info["scale"][b])
+            sy, sx = (float(v) for v in info["resize_factor"][b])
             ch, cw = (int(v) for v in info["image_size"][b])
             self._gt_images.append({"id": image_id, "height": h, "width": w})
             valid = classes_b[b] > 0

@@ -53,8 +53,9 @@ class DetectionGenerator(keras.layers.Layer):
         out["detection_classes"] = tf.where(real, out["detection_classes"] + 1, 0)
         return out
 
-    def compute_output_shape(self, class_logits_shape=None, *args, input_shape=None, **kwargs):
-        b = (class_logits_shape or input_shape)[0]
+    def compute_output_shape(self, input_shape):
+        """``input_shape``: the shape of ``class_logits`` (Keras passes the first argument's)."""
+        b = input_shape[0]
         d = self.max_detections
         return {"detection_boxes": (b, d, 4), "detection_scores": (b, d),
                 "detection_classes": (b, d), "num_detections": (b,)}

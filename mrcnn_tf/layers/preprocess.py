@@ -9,17 +9,17 @@ import tensorflow as tf
 
 def resized_sizes(sizes: tf.Tensor, resize: str, short_size: int, long_size: int,
                   square_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Output size and scale of each image.
+    """Output size and resize factor (resized / original) of each image.
 
-    ``short_long`` (torchvision): scale = min(short / min(h, w), long / max(h, w)) and
-    size = floor(dim * scale), in float64 exactly as torchvision's GeneralizedRCNNTransform
+    ``short_long`` (torchvision): factor = min(short / min(h, w), long / max(h, w)) and
+    size = floor(dim * factor), in float64 exactly as torchvision's GeneralizedRCNNTransform
     computes them (480x640 -> 800x1066; 500x2000 -> 333x1333).
-    ``square`` (Model Garden): scale = square / max(h, w), size = round(dim * scale).
+    ``square`` (Model Garden): factor = square / max(h, w), size = round(dim * factor).
 
     Args:
       sizes: [B, 2] int32 (height, width).
     Returns:
-      (new_sizes [B, 2] int32, scales [B] float32).
+      (new_sizes [B, 2] int32, resize factors [B] float32).
     """
     f = tf.cast(sizes, tf.float64)
     if resize == "short_long":
@@ -43,9 +43,9 @@ class Preprocessor(keras.layers.Layer):
     int32 (height, width) of each image's content at the top-left of a zero-padded batch
     (None: every image fills the tensor).
     Output: {"images": [B, Hp, Wp, C] float32, "image_sizes": [B, 2] int32 content size after
-    resizing, "scales": [B, 2] float32 original / resized size per axis (torchvision's ratio to map
-    boxes back)}. Hp and Wp are multiples of ``size_divisibility`` (``square``: exactly
-    ``square_size`` rounded up to it).
+    resizing, "resize_factors": [B, 2] float32 resized / original size per axis (boxes are
+    divided by it to map back, torchvision's ratio)}. Hp and Wp are multiples of
+    ``size_divisibility`` (``square``: exactly ``square_size`` rounded up to it).
     """
 
     def __init__(self, resize="short_long", short_size=800, long_size=1333, square_size=1024,
@@ -90,16 +90,17 @@ class Preprocessor(keras.layers.Layer):
         if self.resize == "square":
             side = -(-self.square_size // d) * d
             out = tf.ensure_shape(out, [None, side, side, channels])
-        scales = tf.cast(image_sizes, tf.float32) / tf.cast(new_sizes, tf.float32)
-        return {"images": out, "image_sizes": new_sizes, "scales": scales}
+        factors = tf.cast(new_sizes, tf.float32) / tf.cast(image_sizes, tf.float32)
+        return {"images": out, "image_sizes": new_sizes, "resize_factors": factors}
 
-    def compute_output_shape(self, images_shape=None, *args, input_shape=None, **kwargs):
-        b, h, w, c = images_shape or input_shape
+    def compute_output_shape(self, input_shape):
+        """``input_shape``: the shape of ``images`` (Keras passes the first argument's)."""
+        b, h, w, c = input_shape
         if self.resize == "square":
             h = w = -(-self.square_size // self.size_divisibility) * self.size_divisibility
         else:
             h = w = None  # depends on each image's aspect ratio
-        return {"images": (b, h, w, c), "image_sizes": (b, 2), "scales": (b, 2)}
+        return {"images": (b, h, w, c), "image_sizes": (b, 2), "resize_factors": (b, 2)}
 
     def _normalize(self, images):
         """(x - mean) / std with the 0..1 ImageNet statistics scaled to 0..255 pixels."""
@@ -120,7 +121,7 @@ class Preprocessor(keras.layers.Layer):
         pad_h, pad_w = (d - h % d) % d, (d - w % d) % d  # static when the canvas is
         x = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
         return {"images": x, "image_sizes": image_sizes,
-                "scales": tf.ones(tf.shape(image_sizes), tf.float32)}
+                "resize_factors": tf.ones(tf.shape(image_sizes), tf.float32)}
 
     def get_config(self):
         return {**super().get_config(), "resize": self.resize, "short_size": self.short_size,

@@ -74,9 +74,10 @@ class ProposalGenerator(keras.layers.Layer):
                 "scores": tf.where(out["valid"], out["scores"], 0.0),
                 "valid": out["valid"]}
 
-    def compute_output_shape(self, objectness_shape=None, *args, input_shape=None, **kwargs):
-        """Shapes at test time (training uses post_nms_topk_train rows)."""
-        first = (objectness_shape or input_shape)[0]
+    def compute_output_shape(self, input_shape):
+        """Shapes at test time (training uses post_nms_topk_train rows). ``input_shape``: the
+        shape of ``objectness`` (Keras passes the first argument's), a list per level."""
+        first = input_shape[0]
         b, p = first[0], self.post_nms_topk_test
         return {"boxes": (b, p, 4), "scores": (b, p), "valid": (b, p)}
 

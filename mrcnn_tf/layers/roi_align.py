@@ -38,12 +38,14 @@ class MultilevelRoIAlign(keras.layers.Layer):
                                     self.aligned, self.min_level, self.max_level,
                                     self.canonical_size, self.canonical_level)
 
-    def compute_output_shape(self, features_shape=None, boxes_shape=None, input_shape=None):
-        # Keras' summary passes the shape of the first call argument as ``input_shape``.
-        features_shape = features_shape or input_shape
+    def build(self, features_shape, boxes_shape):
+        # No weights. Named per call argument so that Keras records both shapes, and
+        # summary() can call compute_output_shape with them.
+        self.built = True
+
+    def compute_output_shape(self, features_shape, boxes_shape):
         c = features_shape[f"p{self.min_level}"][-1]
-        b, n = (boxes_shape[0], boxes_shape[1]) if boxes_shape else (None, None)
-        return (b, n, self.output_size, self.output_size, c)
+        return (boxes_shape[0], boxes_shape[1], self.output_size, self.output_size, c)
 
     def get_config(self):
         return {**super().get_config(), "output_size": self.output_size,

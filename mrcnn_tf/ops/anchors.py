@@ -86,3 +86,32 @@ def multilevel_anchors(image_size, grid_sizes: dict, sizes, aspect_ratios, scale
 def num_anchors_per_location(aspect_ratios, scales=(1.0,)) -> int:
     """A = len(aspect_ratios) * len(scales)."""
     return len(aspect_ratios) * len(scales)
+
+
+class AnchorGenerator:
+    """The anchors of a model: one size per level x ``aspect_ratios`` x ``scales``.
+
+    ``generator(image_size, grid_sizes)`` -> {level: [H_l * W_l * A, 4]}, as
+    :func:`multilevel_anchors`.
+    """
+
+    def __init__(self, sizes, aspect_ratios=(0.5, 1.0, 2.0), scales=(1.0,), offset=0.0,
+                 round_to_int=True):
+        self.sizes = tuple(float(s) for s in sizes)
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.scales = tuple(float(s) for s in scales)
+        self.offset, self.round_to_int = float(offset), bool(round_to_int)
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per position (A)."""
+        return num_anchors_per_location(self.aspect_ratios, self.scales)
+
+    def __call__(self, image_size, grid_sizes: dict) -> dict:
+        return multilevel_anchors(image_size, grid_sizes, self.sizes, self.aspect_ratios,
+                                  self.scales, self.offset, self.round_to_int)
+
+    def get_config(self) -> dict:
+        return {"sizes": list(self.sizes), "aspect_ratios": list(self.aspect_ratios),
+                "scales": list(self.scales), "offset": self.offset,
+                "round_to_int": self.round_to_int}

@@ -122,7 +122,7 @@ def test_scale_jitter_crops_to_canvas():
     assert images.shape == (4, 128, 128, 3)
     sizes = t["image_info"]["image_size"].numpy()
     assert (sizes == 128).all()  # content fills the canvas after the crop
-    scale = t["image_info"]["scale"].numpy()
+    scale = t["image_info"]["resize_factor"].numpy()
     assert (scale >= 1.49).all() and (scale <= 2.01).all()
     boxes, classes = t["gt_boxes"].numpy(), t["gt_classes"].numpy()
     valid = classes >= 0

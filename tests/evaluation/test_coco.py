@@ -78,7 +78,7 @@ def test_ground_truth_from_targets_and_predictions_in_model_frame():
                "gt_classes": np.array([[2, -1]]), "gt_masks": masks,
                "image_info": {"image_id": np.array([1]), "original_size": np.array([[32, 32]]),
                               "image_size": np.array([[64, 64]]),
-                              "scale": np.array([[2.0, 2.0]])}}
+                              "resize_factor": np.array([[2.0, 2.0]])}}
     ev.add_ground_truth(targets)
     det_masks = np.zeros((1, 3, 28, 28), np.float32)
     det_masks[0, 0] = 1.0
@@ -101,5 +101,5 @@ def test_no_detections_is_zero_not_an_error():
         (1, 2)), "detection_classes": np.zeros((1, 2), int), "detection_masks": np.zeros(
         (1, 2, 28, 28)), "num_detections": np.array([0])},
         {"image_id": np.array([5]), "original_size": np.array([[50, 60]]),
-         "scale": np.array([[1.0, 1.0]])})
+         "resize_factor": np.array([[1.0, 1.0]])})
     assert ev.evaluate()["bbox"]["AP"] == 0.0

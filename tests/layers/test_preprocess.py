@@ -21,9 +21,9 @@ def test_contract_square():
               pixel_std=(0.25, 0.25, 0.25))
     _, out = check_layer_contract(Preprocessor, kw, (x,), non_default=tuple(kw),
                                   expected_shapes={"images": (2, 64, 64, 3),
-                                                   "image_sizes": (2, 2), "scales": (2, 2)})
+                                                   "image_sizes": (2, 2), "resize_factors": (2, 2)})
     np.testing.assert_array_equal(out["image_sizes"].numpy(), [[48, 64], [48, 64]])
-    np.testing.assert_allclose(out["scales"].numpy(), [[30 / 48, 40 / 64]] * 2)
+    np.testing.assert_allclose(out["resize_factors"].numpy(), [[48 / 30, 64 / 40]] * 2)
     assert (out["images"].numpy()[:, 48:] == 0).all()  # padding
 
 

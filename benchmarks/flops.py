@@ -35,7 +35,7 @@ def graph_flops(fn, *specs) -> int:
 
 
 def model_flops(model, height: int, width: int, proposals: int, detections: int) -> dict:
-    c = model.cfg.model
+    c = model.config.model
     d = c.preprocess.size_divisibility
     ph, pw = -(-height // d) * d, -(-width // d) * d
     spec = tf.TensorSpec([1, ph, pw, c.backbone.input_channels], tf.float32)

@@ -248,7 +248,8 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="inference,train,data,e2e",
-                   help="comma list of inference, train, data, e2e")
+                   help="comma list of inference, train, data, e2e, e2e_square (ours on its "
+                        "aspect-ratio canvases against ours on one square 1344 canvas)")
     p.add_argument("--batches", default="1,2", help="e2e: images per step, comma list")
     p.add_argument("--e2e_steps", type=int, default=6, help="e2e: timed steps per process")
     p.add_argument("--e2e_warmup", type=int, default=6,
@@ -317,17 +318,23 @@ def _plan(args, precision, only, peers, info, inputs):
                 "--inputs", inputs, "--precision", precision, *extra]
 
     plan = []
-    if "e2e" in only and precision == "fp32":
+    if ("e2e" in only or "e2e_square" in only) and precision == "fp32":
         for batch in args.batches.split(","):
             e2e = ["--measure", "e2e", "--batch", batch, "--steps", str(args.e2e_steps),
                    "--warmup_steps", str(args.e2e_warmup), "--inputs", inputs, "--data_dir",
                    args.data]
-            if "torchvision" in peers:
+            if "e2e" in only and "torchvision" in peers:
                 plan.append((f"e2e (torchvision, coco128, batch {batch}, {precision})", "e2e", [
                     ("ours", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data)),
                     ("torchvision", [args.torch_python, str(WORKERS / "torchvision_worker.py"),
                                      *e2e])]))
-            if "modelgarden" in peers:
+            if "e2e_square" in only:
+                plan.append((f"e2e (ours square, coco128, batch {batch}, {precision})", "e2e", [
+                    ("ours", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data)),
+                    ("square1344", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data,
+                                        "--set", "data.canvas_long_sides=null",
+                                        "data.image_size=1344"))]))
+            if "e2e" in only and "modelgarden" in peers:
                 plan.append((f"e2e (Model Garden, coco128, 1024, batch {batch}, {precision})",
                              "e2e", [
                                  ("ours", ours("e2e", "modelgarden", *e2e[2:8], "--data_dir",

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from protocol import serve  # noqa: E402
+from protocol import serve, training_steps  # noqa: E402
 
 
 def main():
@@ -89,20 +89,10 @@ def main():
             state["step"] = tf.function(
                 lambda inputs: task.train_step(inputs, state["model"], state["opt"]))
 
-        def run_once():
-            import time
+        def step():
+            return float(state["step"](next(state["it"]))["loss"])
 
-            times = []
-            steps = {0: 1, 1: args.warmup_steps}.get(state.get("calls", 0), args.steps)  # first: 1
-            state["calls"] = state.get("calls", 0) + 1
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                logs = state["step"](next(state["it"]))
-                float(logs["loss"])
-                times.append(time.perf_counter() - t0)
-            return {"images": steps * args.batch, "step_times": times,
-                    "loss": float(logs["loss"])}
-
+        run_once = training_steps(state, step, args.warmup_steps, args.steps, args.batch)
         serve(run_once, build, {**describe, "batch": args.batch, "steps_per_run": args.steps})
         return
 

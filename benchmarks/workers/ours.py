@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-from protocol import serve  # noqa: E402
+from protocol import serve, training_steps  # noqa: E402
 
 # Our model configured as each peer's architecture and counts, so that the comparison is of
 # implementations rather than of model choices.
@@ -102,20 +102,24 @@ def main():
             state["model"].compile()
             state["fn"] = state["model"].make_train_function()
 
-        def run_once():
-            import time
+        def step():
+            return float(state["fn"](state["it"])["loss"])
 
-            times = []
-            steps = {0: 1, 1: args.warmup_steps}.get(state.get("calls", 0), args.steps)  # first: 1
-            state["calls"] = state.get("calls", 0) + 1
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                logs = state["fn"](state["it"])
-                float(logs["loss"])
-                times.append(time.perf_counter() - t0)
-            return {"images": steps * args.batch, "step_times": times,
-                    "loss": float(logs["loss"])}
+        import logging
 
+        class CountTraces(logging.Handler):
+            # keras_compat.step_function logs each trace of the train step (one per canvas).
+            count = 0
+
+            def emit(self, record):
+                if "tracing the training step" in record.getMessage():
+                    CountTraces.count += 1
+
+        log = logging.getLogger("mrcnn_tf")
+        log.addHandler(CountTraces())
+        log.setLevel(logging.INFO)
+        run_once = training_steps(state, step, args.warmup_steps, args.steps, args.batch,
+                                  traces=lambda: CountTraces.count)
         serve(run_once, build, {"config": path, "overrides": overrides,
                                 "precision": args.precision, "batch": args.batch,
                                 "steps_per_run": args.steps, "pid": os.getpid()})

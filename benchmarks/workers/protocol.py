@@ -22,6 +22,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def training_steps(state: dict, step, warmup_steps: int, steps: int, batch: int,
+                   traces=None):
+    """run_once for an end-to-end training loop: the first call runs one step, the second
+    ``warmup_steps`` (new input shapes still trace), every later call ``steps``; each step is
+    timed. ``step()`` runs one training step and returns its loss as a float. ``traces()``, if
+    given, counts the graphs traced so far: a step during which it grew is flagged in
+    ``traced_steps`` (it paid for a trace, once per new input shape, besides its own work)."""
+    def run_once():
+        calls = state.get("calls", 0)
+        n = {0: 1, 1: warmup_steps}.get(calls, steps)
+        state["calls"] = calls + 1
+        times, traced = [], []
+        for _ in range(n):
+            before = traces() if traces else 0
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+            traced.append(bool(traces and traces() > before))
+        return {"images": n * batch, "step_times": times, "traced_steps": traced, "loss": loss}
+    return run_once
+
+
 def serve(run_once, build=None, describe=None):
     """build() -> None (timed as build_s); run_once() -> optional dict of extras; the first
     call is timed as first_call_s, each ``run`` as seconds."""

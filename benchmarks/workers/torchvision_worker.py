@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from protocol import serve  # noqa: E402
+from protocol import serve, training_steps  # noqa: E402
 
 
 def main():
@@ -188,24 +188,16 @@ def _e2e(args, torch):
                                        weight_decay=1e-4)
         state["model"] = model
 
-    def run_once():
-        import time
+    def step():
+        images, targets = next(state["data"])
+        losses = state["model"](list(images), list(targets))
+        loss = sum(losses.values())
+        state["opt"].zero_grad()
+        loss.backward()
+        state["opt"].step()
+        return float(loss.detach())
 
-        times = []
-        steps = {0: 1, 1: args.warmup_steps}.get(state.get("calls", 0), args.steps)  # first: 1
-        state["calls"] = state.get("calls", 0) + 1
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            images, targets = next(state["data"])
-            losses = state["model"](list(images), list(targets))
-            loss = sum(losses.values())
-            state["opt"].zero_grad()
-            loss.backward()
-            state["opt"].step()
-            times.append(time.perf_counter() - t0)
-        return {"images": steps * args.batch, "step_times": times,
-                "loss": float(loss.detach())}
-
+    run_once = training_steps(state, step, args.warmup_steps, args.steps, args.batch)
     return run_once, build
 
 

@@ -218,17 +218,23 @@ def test_box_mask_output(exported, tmp_path):
     from mrcnn_tf.serving import export_saved_model
 
     model, _, _ = exported
+    # export.max_detections: the best 5 of the model's 20 (score threshold 0: all 20 are real).
     path = export_saved_model(model, IDS, NAMES, str(tmp_path / "box" / "1"), ("image_tensor",),
-                              mask_output="box")
+                              mask_output="box", max_detections=5)
     loaded = tf.saved_model.load(path)
     assert sorted(loaded.signatures) == ["image_tensor", "serving_default"]
     img = np.random.default_rng(3).integers(0, 255, (1, 50, 70, 3)).astype(np.uint8)
     out = loaded.signatures["serving_default"](images=tf.constant(img))
     det = model(img)
     n = int(out["num_detections"][0])
-    assert out["detection_masks"].shape == (1, 20, 28, 28)
+    assert n == min(5, int(det["num_detections"][0])) == 5
+    assert out["detection_masks"].shape == (1, 5, 28, 28)
     assert out["detection_masks"].dtype == tf.float32
     np.testing.assert_allclose(out["detection_masks"][0, :n], det["detection_masks"][0, :n],
                                atol=1e-4)
+    np.testing.assert_allclose(out["detection_scores"][0], det["detection_scores"][0, :5],
+                               atol=1e-6)
     with pytest.raises(ValueError, match="input types must be among"):
         export_saved_model(model, IDS, NAMES, str(tmp_path / "bad"), ("jpeg",))
+    with pytest.raises(ValueError, match=r"export.max_detections \(21\) cannot exceed"):
+        export_saved_model(model, IDS, NAMES, str(tmp_path / "bad2"), max_detections=21)

@@ -64,3 +64,17 @@ def test_mask_targets_full_and_mini_agree():
     assert a[0, 0, :, :14].all() and not a[0, 0, :, 14:].any()
     assert a[0, 1].all()  # RoI = the mask's extent
     np.testing.assert_array_equal(a, b)
+
+
+def test_foreground_slice_is_the_positives_or_static():
+    # model.mask_head.static_rois: the mask head's rows are the batch's largest positive count
+    # (2 here), or with static_foreground int(S * positive_fraction) (8 * 0.5 = 4).
+    proposals = tf.constant([[[0.0, 0.0, 10.0, 9.0], [50.0, 50.0, 60.0, 60.0]]])
+    pvalid = tf.constant([[True, True]])
+    gt = tf.constant([[[0.0, 0.0, 10.0, 10.0]]])
+    gcls = tf.constant([[2]])
+    for static, rows in ((False, 2), (True, 4)):
+        r = T.sample_rois(proposals, pvalid, gt, gcls, gcls > 0, ROI_MATCHER,
+                          BoxCoder((10.0, 10.0, 5.0, 5.0)), 8, 0.5, static_foreground=static)
+        assert r["fg"]["boxes"].shape[1] == rows
+        assert r["fg"]["foreground"].numpy()[0].sum() == 2

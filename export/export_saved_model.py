@@ -31,8 +31,12 @@ def main(argv=None) -> int:
                         "export.input_types); the first is serving_default")
     p.add_argument("--max_detections", type=int, default=None,
                    help="detections per image (default: export.max_detections)")
-    p.add_argument("--mask_output", default=None, choices=("full", "box"),
-                   help="full-resolution masks or 28x28 per box (default: export.mask_output)")
+    p.add_argument("--mask_output", default=None, choices=("full", "box", "png"),
+                   help="full-resolution uint8 masks, 28x28 per box, or one PNG per detection "
+                        "(default: export.mask_output)")
+    p.add_argument("--max_image_pixels", type=int, default=None,
+                   help="refuse encoded images with more pixels (default: "
+                        "export.max_image_pixels)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
 
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
         overrides.append(f"export.max_detections={args.max_detections}")
     if args.mask_output is not None:
         overrides.append(f"export.mask_output={args.mask_output}")
+    if args.max_image_pixels is not None:
+        overrides.append(f"export.max_image_pixels={args.max_image_pixels}")
     if args.input_type is not None:
         types = [t.strip() for t in args.input_type.split(",") if t.strip()]
         overrides.append(f"export.input_types=[{', '.join(types)}]")

@@ -383,8 +383,13 @@ class ExportConfig:
     max_detections: int | None = opt(None, "detections per image in the exported model, at most"
                                      " model.detection.max_detections (null: that many)",
                                      min=1)
-    mask_output: str = opt("full", "masks pasted at the original resolution or 28x28 per box",
-                           choices=("full", "box"))
+    mask_output: str = opt("full", "full: masks pasted at the original resolution (uint8 "
+                           "[B, D, H, W]); box: 28x28 probabilities per box; png: one PNG per "
+                           "detection at the original resolution (compact over REST)",
+                           choices=("full", "box", "png"))
+    max_image_pixels: int = opt(25_000_000, "encoded images with more pixels (read from the "
+                                "header, before decoding) get an errors entry instead of being "
+                                "served", min=1)
 
 
 @dataclass(frozen=True)

@@ -349,14 +349,16 @@ class ServingModule(tf.Module):
         padded = tf.concat([shape, tf.zeros([4], tf.int32)], 0)
         check = tf.debugging.Assert(
             rank4 & tf.equal(padded[3], 3),
-            ["image_tensor: images must be uint8 [batch, height, width, 3]; got shape", shape])
+            ["image_tensor: images must be uint8 [batch, height, width, 3]; got shape", shape],
+            summarize=8)
         with tf.control_dependencies([check]):
             images = tf.ensure_shape(tf.identity(images), [None, None, None, 3])
         shape = tf.shape(images)
         n = shape[0]
         check = tf.debugging.Assert(
             (n == 0) | (shape[1] * shape[2] > 0),
-            ["image_tensor: images must have a positive height and width; got shape", shape])
+            ["image_tensor: images must have a positive height and width; got shape", shape],
+            summarize=8)
         with tf.control_dependencies([check]):
             images = tf.identity(images)
         pixels = tf.cast(shape[1], tf.int64) * tf.cast(shape[2], tf.int64)

@@ -10,7 +10,6 @@ import tensorflow as tf
 from PIL import Image
 
 from mrcnn_tf import serving
-from tests.conftest import shared_data
 
 
 def _encode(array, fmt, **kwargs):

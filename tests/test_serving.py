@@ -133,123 +133,147 @@ def _same_detections(out, key, row, alone, alone_key, atol=1e-3):
     assert min(_mask_iou(a[i], b[i]) for i in range(n)) >= 0.99
 
 
-def test_pixel_limit_is_checked_from_the_header(exported, tmp_path, shared_data):
-    """A 10000x10000 PNG of 97 KB (and images over the export's 1 MP limit, in each format) get
-    an errors entry without being decoded; the rest of the batch is served as if alone."""
-    _, export_dir, _ = exported
-    (good,), _ = _photos(shared_data, 1)
-    bomb = _pil_bytes(np.zeros((10000, 10000), np.uint8), "PNG")
-    big = np.full((1000, 1001, 3), 90, np.uint8)  # 1 001 000 pixels: just over the limit
-    over = [_pil_bytes(big, f) for f in ("JPEG", "PNG", "GIF", "BMP", "WEBP")]
-    out, meta = _serve(export_dir, {"image_bytes__alone": np.array([good], object),
-                                    "image_bytes__bomb": np.array([bomb], object),
-                                    "image_bytes__mixed": np.array([bomb, good] + over, object)},
-                       tmp_path)
-    errors = [e.decode() for e in out["image_bytes__mixed__errors"]]
-    assert errors[0] == ("image of 10000x10000 pixels is over export.max_image_pixels "
-                         "(1000000)")
-    assert errors[1] == ""
-    assert errors[2:] == ["image of 1000x1001 pixels is over export.max_image_pixels "
-                          "(1000000)"] * 5
-    assert (out["image_bytes__mixed__num_detections"][[0, 2, 3, 4, 5, 6]] == 0).all()
-    _same_detections(out, "image_bytes__mixed", 1, out, "image_bytes__alone")
-    # Refusing the bomb costs no memory beyond what serving the photo before it took.
-    peak = meta["peak_mb"]
-    print("peak RSS MB:", {k: round(v) for k, v in peak.items()})
-    assert peak["image_bytes__bomb"] - peak["image_bytes__alone"] < 20
-
-
 def _pil_bytes(array, fmt, **options):
     buf = io.BytesIO()
     (Image.fromarray(array) if isinstance(array, np.ndarray) else array).save(buf, fmt, **options)
     return buf.getvalue()
 
 
-def test_a_corrupt_image_affects_only_itself(exported, tmp_path, shared_data):
-    _, export_dir, _ = exported
-    (a, b), _ = _photos(shared_data, 2, start=3)
+def _example(feature):
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+# The requests of the tests below, one builder per test, all served by one client process (one
+# model load). Keys: "<signature>__<test>_<name>"; their order is the order they are served.
+def _limit_requests(data):
+    (good,), _ = _photos(data, 1)
+    bomb = _pil_bytes(np.zeros((10000, 10000), np.uint8), "PNG")  # 97 KB
+    big = np.full((1000, 1001, 3), 90, np.uint8)  # 1 001 000 pixels: just over the limit
+    over = [_pil_bytes(big, f) for f in ("JPEG", "PNG", "GIF", "BMP", "WEBP")]
+    return {"image_bytes__limit_alone": [good], "image_bytes__limit_bomb": [bomb],
+            "image_bytes__limit_mixed": [bomb, good] + over}
+
+
+def _corrupt_requests(data):
+    (a, b), _ = _photos(data, 2, start=3)
     corrupt = a[:2] + bytes(len(a) - 4) + a[-2:]  # a JPEG's bytes [2:-2] zeroed
     garbage_png = b"\x89PNG\r\n\x1a\n" + bytes(64) + b"IEND\xaeB`\x82"
-    out, _ = _serve(export_dir, {"image_bytes__a": np.array([a], object),
-                                 "image_bytes__b": np.array([b], object),
-                                 "image_bytes__mixed": np.array([a, corrupt, b, garbage_png],
-                                                                object)}, tmp_path)
-    errors = [e.decode() for e in out["image_bytes__mixed__errors"]]
+    return {"image_bytes__corrupt_a": [a], "image_bytes__corrupt_b": [b],
+            "image_bytes__corrupt_mixed": [a, corrupt, b, garbage_png]}
+
+
+def _format_requests(data):
+    (jpeg,), (pixels,) = _photos(data, 1, start=7)
+    return {"image_bytes__format_png": [_pil_bytes(pixels, "PNG")],
+            # lossless: the same pixels as the PNG
+            "image_bytes__format_webp": [_pil_bytes(pixels, "WEBP", lossless=True)],
+            "image_bytes__format_bad": [
+                _pil_bytes(Image.fromarray(pixels).convert("P"), "BMP"),
+                jpeg[: len(jpeg) // 2] + b"\xff\xd9"]}
+
+
+def _tensor_requests(data):
+    return {"image_tensor__tensor_rank3": np.zeros((40, 50, 3), np.uint8),
+            "image_tensor__tensor_gray": np.zeros((1, 40, 50, 1), np.uint8),
+            "image_tensor__tensor_rgba": np.zeros((1, 40, 50, 4), np.uint8),
+            "image_tensor__tensor_zero": np.zeros((1, 0, 5, 3), np.uint8),
+            "image_tensor__tensor_empty": np.zeros((0, 40, 50, 3), np.uint8),
+            "image_bytes__tensor_empty": [],
+            "tf_example__tensor_empty": []}
+
+
+def _example_requests(data):
+    (jpeg,), (pixels,) = _photos(data, 1, start=9)
+    h, w = pixels.shape[:2]
+    good = make_example(jpeg, "jpeg", h, w, 1, "a.jpg", np.zeros((0, 4)), [], [], [],
+                        np.zeros((0, h, w), np.uint8))
+    as_int = _example({"image/encoded": tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[1, 2]))})
+    two = _example({"image/encoded": tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[jpeg, jpeg]))})
+    not_image = _example({"image/encoded": tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[b"xyz"]))})
+    return {"tf_example__example_good": [good], "image_bytes__example_good": [jpeg],
+            "tf_example__example_mixed": [as_int, good, b"\x0a\xff\xff\xff\xff", _example({}),
+                                          two, not_image]}
+
+
+def _png_requests(data):  # the full-resolution masks the png export must reproduce
+    photos, _ = _photos(data, 2, start=12)
+    return {"image_bytes__png_ab": photos + [b"junk"]}
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory, shared_data):
+    """The requests of the builders above, served by the exported model in one client."""
+    requests = {}
+    for build in (_limit_requests, _corrupt_requests, _format_requests, _tensor_requests,
+                  _example_requests, _png_requests):
+        for key, value in build(shared_data).items():
+            requests[key] = value if isinstance(value, np.ndarray) else np.array(value, object)
+    out, meta = _serve(exported[1], requests, tmp_path_factory.mktemp("served"))
+    print("timings:", {k: round(v, 2) for k, v in meta["timings"].items()})
+    return out, meta
+
+
+def test_pixel_limit_is_checked_from_the_header(served):
+    """A 10000x10000 PNG of 97 KB (and images over the export's 1 MP limit, in each format) get
+    an errors entry without being decoded; the rest of the batch is served as if alone."""
+    out, meta = served
+    errors = [e.decode() for e in out["image_bytes__limit_mixed__errors"]]
+    assert errors[0] == ("image of 10000x10000 pixels is over export.max_image_pixels "
+                         "(1000000)")
+    assert errors[1] == ""
+    assert errors[2:] == ["image of 1000x1001 pixels is over export.max_image_pixels "
+                          "(1000000)"] * 5
+    assert (out["image_bytes__limit_mixed__num_detections"][[0, 2, 3, 4, 5, 6]] == 0).all()
+    _same_detections(out, "image_bytes__limit_mixed", 1, out, "image_bytes__limit_alone")
+    # Refusing the bomb costs no memory beyond what serving the photo before it took.
+    peak = meta["peak_mb"]
+    print("peak RSS MB:", {k: round(v) for k, v in peak.items()})
+    assert peak["image_bytes__limit_bomb"] - peak["image_bytes__limit_alone"] < 20
+
+
+def test_a_corrupt_image_affects_only_itself(served):
+    out, _ = served
+    errors = [e.decode() for e in out["image_bytes__corrupt_mixed__errors"]]
     assert errors[0] == errors[2] == ""
     assert errors[1] == "corrupt JPEG data: the decoder failed"
     assert errors[3].startswith("invalid PNG header") or errors[3].startswith("corrupt PNG")
-    assert out["image_bytes__mixed__image_shape"][[1, 3]].tolist() == [[0, 0], [0, 0]]
-    _same_detections(out, "image_bytes__mixed", 0, out, "image_bytes__a")
-    _same_detections(out, "image_bytes__mixed", 2, out, "image_bytes__b")
+    assert out["image_bytes__corrupt_mixed__image_shape"][[1, 3]].tolist() == [[0, 0], [0, 0]]
+    _same_detections(out, "image_bytes__corrupt_mixed", 0, out, "image_bytes__corrupt_a")
+    _same_detections(out, "image_bytes__corrupt_mixed", 2, out, "image_bytes__corrupt_b")
 
 
-def test_formats_webp_palette_bmp_and_jpeg_cut_short(exported, tmp_path, shared_data):
-    _, export_dir, _ = exported
-    (jpeg,), (pixels,) = _photos(shared_data, 1, start=7)
-    png = _pil_bytes(pixels, "PNG")
-    webp = _pil_bytes(pixels, "WEBP", lossless=True)  # the same pixels as the PNG
-    palette_bmp = _pil_bytes(Image.fromarray(pixels).convert("P"), "BMP")
-    cut = jpeg[: len(jpeg) // 2] + b"\xff\xd9"
-    out, _ = _serve(export_dir, {"image_bytes__png": np.array([png], object),
-                                 "image_bytes__webp": np.array([webp], object),
-                                 "image_bytes__bad": np.array([palette_bmp, cut], object)},
-                    tmp_path)
-    assert out["image_bytes__webp__errors"][0] == b""
-    _same_detections(out, "image_bytes__webp", 0, out, "image_bytes__png", atol=0)
-    errors = [e.decode() for e in out["image_bytes__bad__errors"]]
+def test_formats_webp_palette_bmp_and_jpeg_cut_short(served):
+    out, _ = served
+    assert out["image_bytes__format_webp__errors"][0] == b""
+    _same_detections(out, "image_bytes__format_webp", 0, out, "image_bytes__format_png", atol=0)
+    errors = [e.decode() for e in out["image_bytes__format_bad__errors"]]
     assert errors[0].startswith("8-bit BMP: only 24- and 32-bit BMPs are decoded")
     assert errors[1].startswith("truncated JPEG: the decoder ran out of data")
-    assert (out["image_bytes__bad__num_detections"] == 0).all()
+    assert (out["image_bytes__format_bad__num_detections"] == 0).all()
 
 
-def test_bad_tensors_are_refused_at_the_signature_and_an_empty_batch_is_served(exported,
-                                                                                tmp_path):
-    _, export_dir, _ = exported
-    out, _ = _serve(export_dir, {
-        "image_tensor__rank3": np.zeros((40, 50, 3), np.uint8),
-        "image_tensor__gray": np.zeros((1, 40, 50, 1), np.uint8),
-        "image_tensor__rgba": np.zeros((1, 40, 50, 4), np.uint8),
-        "image_tensor__zero": np.zeros((1, 0, 5, 3), np.uint8),
-        "image_tensor__empty": np.zeros((0, 40, 50, 3), np.uint8),
-        "image_bytes__empty": np.array([], object),
-        "tf_example__empty": np.array([], object)}, tmp_path)
+def test_bad_tensors_are_refused_at_the_signature_and_an_empty_batch_is_served(served):
+    out, _ = served
     expected = "image_tensor: images must be uint8 [batch, height, width, 3]; got shape"
     for name, shape in (("rank3", "[40 50 3]"), ("gray", "[1 40 50 1]"),
                         ("rgba", "[1 40 50 4]")):
-        message = str(out[f"image_tensor__{name}__error"])
+        message = str(out[f"image_tensor__tensor_{name}__error"])
         assert message.startswith("InvalidArgumentError") and expected in message, message
         assert shape in message
-    assert "positive height and width" in str(out["image_tensor__zero__error"])
-    for key in ("image_tensor__empty", "image_bytes__empty", "tf_example__empty"):
+    assert "positive height and width" in str(out["image_tensor__tensor_zero__error"])
+    for key in ("image_tensor__tensor_empty", "image_bytes__tensor_empty",
+                "tf_example__tensor_empty"):
         assert out[f"{key}__num_detections"].shape == (0,)
         assert out[f"{key}__detection_boxes"].shape == (0, 20, 4)
         assert out[f"{key}__errors"].shape == (0,)
 
 
-def test_malformed_examples_get_their_reason_and_the_rest_is_served(exported, tmp_path,
-                                                                    shared_data):
-    _, export_dir, _ = exported
-    (jpeg,), (pixels,) = _photos(shared_data, 1, start=9)
-    h, w = pixels.shape[:2]
-
-    def example(feature):
-        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-    good = make_example(jpeg, "jpeg", h, w, 1, "a.jpg", np.zeros((0, 4)), [], [], [],
-                        np.zeros((0, h, w), np.uint8))
-    as_int = example({"image/encoded": tf.train.Feature(
-        int64_list=tf.train.Int64List(value=[1, 2]))})
-    two = example({"image/encoded": tf.train.Feature(
-        bytes_list=tf.train.BytesList(value=[jpeg, jpeg]))})
-    out, _ = _serve(export_dir, {
-        "tf_example__good": np.array([good], object),
-        "image_bytes__good": np.array([jpeg], object),
-        "tf_example__mixed": np.array([as_int, good, b"\x0a\xff\xff\xff\xff",
-                                       example({}), two,
-                                       example({"image/encoded": tf.train.Feature(
-                                           bytes_list=tf.train.BytesList(value=[b"xyz"]))})],
-                                      object)}, tmp_path)
-    assert [e.decode() for e in out["tf_example__mixed__errors"]] == [
+def test_malformed_examples_get_their_reason_and_the_rest_is_served(served):
+    out, _ = served
+    assert [e.decode() for e in out["tf_example__example_mixed__errors"]] == [
         "image/encoded is an int64 list; expected a bytes list",
         "",
         "not a serialized tf.train.Example",
@@ -257,8 +281,9 @@ def test_malformed_examples_get_their_reason_and_the_rest_is_served(exported, tm
         "image/encoded has 2 values; expected one encoded image",
         "not a JPEG, PNG, GIF, BMP or WebP image",
     ]
-    _same_detections(out, "tf_example__mixed", 1, out, "tf_example__good")
-    _same_detections(out, "tf_example__good", 0, out, "image_bytes__good", atol=0)
+    _same_detections(out, "tf_example__example_mixed", 1, out, "tf_example__example_good")
+    _same_detections(out, "tf_example__example_good", 0, out, "image_bytes__example_good",
+                     atol=0)
 
 
 def _tf_serving_request_to_tensors(body, signature):
@@ -361,11 +386,12 @@ def test_box_mask_output(exported, tmp_path):
         export_saved_model(model, IDS, NAMES, str(tmp_path / "bad2"), max_detections=21)
 
 
-def test_png_masks_and_the_export_section_of_the_run_config(exported, tmp_path, shared_data):
+def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tmp_path,
+                                                            shared_data):
     """A run whose config sets export.mask_output=png, export.max_detections=5 and
     export.input_types, exported by the CLI without flags: the SavedModel follows the config,
     and each PNG decodes to exactly the full-resolution mask of the ``full`` export."""
-    model, full_dir, root = exported
+    model = exported[0]
     cfg = mrcnn_tf.load_config(SHAPES, ["model.detection.score_threshold=0.0",
                                         "export.mask_output=png", "export.max_detections=5",
                                         "export.input_types=[image_bytes, image_tensor]"])
@@ -384,19 +410,21 @@ def test_png_masks_and_the_export_section_of_the_run_config(exported, tmp_path, 
     left = {d for d in set(os.listdir(tempfile.gettempdir())) - before
             if d.startswith("mrcnn_labels_")}
     assert left == set()
-    data, pixels = _photos(shared_data, 2, start=12)
-    request = {"image_bytes__ab": np.array(data + [b"junk"], object)}
-    png, _ = _serve(str(tmp_path / "export" / "1"), request, tmp_path)
-    full, _ = _serve(full_dir, request, tmp_path)
-    assert "image_bytes__ab__detection_masks" not in png
-    masks = png["image_bytes__ab__detection_masks_bytes"]
+    request = _png_requests(shared_data)
+    png, _ = _serve(str(tmp_path / "export" / "1"),
+                    {k: np.array(v, object) for k, v in request.items()}, tmp_path)
+    full, _ = served
+    _, pixels = _photos(shared_data, 2, start=12)
+    assert "image_bytes__png_ab__detection_masks" not in png
+    masks = png["image_bytes__png_ab__detection_masks_bytes"]
     assert masks.shape == (3, 5)
     for row, image in enumerate(pixels):
         h, w = image.shape[:2]
-        assert int(png["image_bytes__ab__num_detections"][row]) == 5
+        assert int(png["image_bytes__png_ab__num_detections"][row]) == 5
         for i in range(5):
             decoded = tf.io.decode_png(masks[row, i]).numpy()
             assert decoded.shape == (h, w, 1) and set(np.unique(decoded)) <= {0, 255}
             np.testing.assert_array_equal(decoded[..., 0] // 255,
-                                          full["image_bytes__ab__detection_masks"][row, i, :h, :w])
-    assert (masks[2] == b"").all() and png["image_bytes__ab__errors"][2] != b""
+                                          full["image_bytes__png_ab__detection_masks"][row, i,
+                                                                                       :h, :w])
+    assert (masks[2] == b"").all() and png["image_bytes__png_ab__errors"][2] != b""

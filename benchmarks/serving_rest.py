@@ -2,7 +2,8 @@
 response in each mask mode.
 
     python benchmarks/serving_rest.py load --export_dir EXPORT/1 [--clients 4 --requests 200]
-    python benchmarks/serving_rest.py sizes [--config configs/torchvision_r50_fpn.yaml]
+    python benchmarks/serving_rest.py sizes [--config configs/torchvision_r50_fpn.yaml |
+                                             --model_dir runs/shapes] [--photo IMAGE]
 
 The real TF Serving binary cannot be installed here (no package registry has it), so ``load``
 serves the SavedModel from a small in-process HTTP server that speaks TF Serving's REST predict
@@ -133,8 +134,6 @@ def serve(export_dir: str):
     """Starts the REST server on a free loopback port; returns (server, base URL)."""
     import tensorflow as tf
 
-    tf.config.threading.set_inter_op_parallelism_threads(2)
-    tf.config.threading.set_intra_op_parallelism_threads(2)
     handler = type("Handler", (_Handler,), {"loaded": tf.saved_model.load(export_dir)})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -317,18 +316,28 @@ def load_test(export_dir: str, clients: int, total: int, seed: int = 0) -> dict:
     }
 
 
-def response_sizes(config: str, overrides: list[str], photo: pathlib.Path) -> dict:
-    """Exports the model of ``config`` (random weights; score threshold 0, so it returns
-    model.detection.max_detections detections) with each mask mode and measures the REST
-    response to ``photo``."""
+def response_sizes(config: str, overrides: list[str], photo: pathlib.Path,
+                   model_dir: str | None = None) -> dict:
+    """Exports a model with each mask mode and measures the REST response to ``photo``: the
+    model of ``config`` with random weights (score threshold 0, so it returns
+    model.detection.max_detections detections), or the trained run ``model_dir``."""
     sys.path.insert(0, str(REPO))
     import mrcnn_tf
     from mrcnn_tf.serving import export_saved_model, serving_options
 
-    cfg = mrcnn_tf.load_config(config, ["model.detection.score_threshold=0.0"] + overrides)
-    model = mrcnn_tf.build_model(cfg)
-    classes = cfg.model.num_classes
-    ids, names = list(range(1, classes)), [f"class{i}" for i in range(1, classes)]
+    if model_dir:
+        from mrcnn_tf.checkpoint import restore
+        from mrcnn_tf.rundir import read_run
+
+        cfg, checkpoint, ids, names = read_run(model_dir, overrides)
+        model = mrcnn_tf.build_model(cfg)
+        restore(model, checkpoint)
+        config = model_dir
+    else:
+        cfg = mrcnn_tf.load_config(config, ["model.detection.score_threshold=0.0"] + overrides)
+        model = mrcnn_tf.build_model(cfg)
+        classes = cfg.model.num_classes
+        ids, names = list(range(1, classes)), [f"class{i}" for i in range(1, classes)]
     body = {"signature_name": "image_bytes", "instances": [_b64(photo.read_bytes())]}
     out = {"config": config, "overrides": overrides, "photo": photo.name}
     with tempfile.TemporaryDirectory() as tmp:
@@ -362,6 +371,7 @@ def main(argv=None) -> int:
     load.add_argument("--out", help="write the results JSON here")
     sizes = sub.add_parser("sizes", help="REST response size per mask mode")
     sizes.add_argument("--config", default=str(REPO / "configs" / "torchvision_r50_fpn.yaml"))
+    sizes.add_argument("--model_dir", help="a trained run directory instead of --config")
     sizes.add_argument("--set", nargs="*", default=[], help="config overrides")
     sizes.add_argument("--photo", default=str(DATA / "train2017" / "000000000071.jpg"))
     sizes.add_argument("--out", help="write the results JSON here")
@@ -369,7 +379,7 @@ def main(argv=None) -> int:
     if args.command == "load":
         result = load_test(args.export_dir, args.clients, args.requests)
     else:
-        result = response_sizes(args.config, args.set, pathlib.Path(args.photo))
+        result = response_sizes(args.config, args.set, pathlib.Path(args.photo), args.model_dir)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -2,6 +2,7 @@
 response in each mask mode.
 
     python benchmarks/serving_rest.py load --export_dir EXPORT/1 [--clients 4 --requests 200]
+    python benchmarks/serving_rest.py memory --export_dir EXPORT/1
     python benchmarks/serving_rest.py sizes [--config configs/torchvision_r50_fpn.yaml |
                                              --model_dir runs/shapes] [--photo IMAGE]
 
@@ -15,8 +16,9 @@ types over loopback. Checked: the server answers every request and still answers
 image gets the same detections as when it was sent alone before the run; RSS after the run is
 within 10% of RSS after the warm-up. Reported: p50/p95 latency per request type.
 
-``sizes`` exports one model three times (mask_output full, box, png) and measures the JSON
-response to one real photo in each.
+``memory`` gives the peak RSS after serving a photo, a 97 KB PNG of 10000x10000 and a 6000x4000
+JPEG, one after the other. ``sizes`` exports one model three times (mask_output full, box, png)
+and measures the JSON response to one real photo in each.
 """
 
 from __future__ import annotations
@@ -361,6 +363,36 @@ def response_sizes(config: str, overrides: list[str], photo: pathlib.Path,
     return out
 
 
+def peak_memory(export_dir: str, photo: pathlib.Path, side: tuple[int, int] = (6000, 4000)
+                ) -> dict:
+    """Peak RSS (MB) of this process after serving, in order: ``photo``; a 97 KB PNG of
+    10000x10000 (over any sensible ``export.max_image_pixels``); ``photo`` resized to ``side``
+    (width, height) as a JPEG. The growth of the peak is what each request cost."""
+    import resource
+
+    import tensorflow as tf
+    from PIL import Image
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    buf = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(buf, "PNG")
+    bomb = buf.getvalue()
+    big = _jpeg(np.asarray(Image.open(photo).convert("RGB").resize(side)))
+    fn = tf.saved_model.load(export_dir).signatures["image_bytes"]
+    out = {"export_dir": export_dir, "load": round(peak())}
+    for name, data in (("photo", photo.read_bytes()), ("bomb_10000x10000_png", bomb),
+                       (f"jpeg_{side[0]}x{side[1]}", big)):
+        t0 = time.perf_counter()
+        result = fn(images=tf.constant([data]))
+        out[name] = {"peak_rss_mb": round(peak()), "seconds": round(time.perf_counter() - t0, 2),
+                     "errors": result["errors"].numpy()[0].decode(),
+                     "detections": int(result["num_detections"][0])}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,9 +407,15 @@ def main(argv=None) -> int:
     sizes.add_argument("--set", nargs="*", default=[], help="config overrides")
     sizes.add_argument("--photo", default=str(DATA / "train2017" / "000000000071.jpg"))
     sizes.add_argument("--out", help="write the results JSON here")
+    memory = sub.add_parser("memory", help="peak RSS of a photo, a bomb and a 6000x4000 JPEG")
+    memory.add_argument("--export_dir", required=True)
+    memory.add_argument("--photo", default=str(DATA / "train2017" / "000000000071.jpg"))
+    memory.add_argument("--out", help="write the results JSON here")
     args = p.parse_args(argv)
     if args.command == "load":
         result = load_test(args.export_dir, args.clients, args.requests)
+    elif args.command == "memory":
+        result = peak_memory(args.export_dir, pathlib.Path(args.photo))
     else:
         result = response_sizes(args.config, args.set, pathlib.Path(args.photo), args.model_dir)
     text = json.dumps(result, indent=1)

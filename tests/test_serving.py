@@ -428,3 +428,27 @@ def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tm
                                           full["image_bytes__png_ab__detection_masks"][row, i,
                                                                                        :h, :w])
     assert (masks[2] == b"").all() and png["image_bytes__png_ab__errors"][2] != b""
+
+
+def test_tf1_session_loader_serves_a_batch_with_bad_images(exported, shared_data):
+    """TF Serving runs the SavedModel's graph in a session (no Python): the tf.data decoding of
+    image_bytes and the checks of image_tensor work there too."""
+    _, export_dir, _ = exported
+    (good,), _ = _photos(shared_data, 1, start=20)
+    corrupt = good[:2] + bytes(len(good) - 4) + good[-2:]
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir)
+
+        def run(name, value):
+            sig = meta.signature_def[name]
+            outputs = {k: v.name for k, v in sig.outputs.items()}
+            return session.run(outputs, {next(iter(sig.inputs.values())).name: value})
+
+        out = run("image_bytes", np.array([good, corrupt, b"junk"], object))
+        assert out["num_detections"][0] > 0 and (out["num_detections"][1:] == 0).all()
+        assert [e.decode() for e in out["errors"]] == [
+            "", "corrupt JPEG data: the decoder failed", "not a JPEG, PNG, GIF, BMP or WebP image"]
+        empty = run("image_tensor", np.zeros((0, 8, 8, 3), np.uint8))
+        assert empty["num_detections"].shape == (0,)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="got shape"):
+            run("image_tensor", np.zeros((1, 8, 8, 4), np.uint8))

@@ -614,6 +614,20 @@ def _plain(data: Any) -> Any:
     return data
 
 
+def packaged_config(path: str) -> str:
+    """``path`` if it exists; else, when its file name is one of the configs shipped with the
+    package (``configs/*.yaml``: beside the package in a source tree, ``mrcnn_tf/configs`` in a
+    wheel), that config's path; else ``path`` unchanged (loading it then names it as missing)."""
+    if os.path.exists(path):
+        return path
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        candidate = os.path.join(folder, os.path.basename(path))
+        if os.path.isfile(candidate):
+            return candidate
+    return path
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None
                 ) -> Config:
     """Reads a YAML config (a ``yaml.SafeLoader``), applies dotted overrides and validates.

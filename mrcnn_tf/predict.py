@@ -1,110 +1,260 @@
-"""Run a trained model on image files: one PNG overlay per image and a COCO results JSON.
+"""Run a trained model on images: one PNG overlay per image and a COCO results JSON.
 
-    python -m mrcnn_tf.predict --model_dir runs/shapes IMAGE [IMAGE ...] --output_dir out/
-    python -m mrcnn_tf.predict --saved_model export/1 IMAGE ... --output_dir out/
+    python -m mrcnn_tf.predict --model_dir runs/shapes photos/ more/*.jpg one.png --output_dir out
+    mrcnn-predict --saved_model exports/shapes/1 'photos/**/*.jpg' --output_dir out \
+        --annotations instances_val2017.json --batch_size 4 --score_threshold 0.3
 
-Image ids in the JSON are the file names' numbers where they are numeric (COCO's
-000000000009.jpg -> 9), otherwise 1, 2, ... in the order given; classes are the dataset's
+Inputs are image files, directories (searched recursively for .jpg, .jpeg, .png, .bmp, .gif and
+.webp) and glob patterns (quoted, so that this program expands them; ``**`` recurses). Each
+overlay keeps the image's path relative to the inputs' common folder (``a/1.jpg`` and
+``b/1.jpg`` give ``out/a/1.png`` and ``out/b/1.png``). Image ids in ``results.json``: with
+``--annotations``, the COCO file's id of the image of the same file name (so that
+``mrcnn_tf.evaluation.coco.evaluate_results_json`` scores them); otherwise the file names'
+numbers when every name is a distinct number (COCO's ``000000000009.jpg`` -> 9), else 1, 2, ...
+in path order. ``image_ids.json`` lists the id given to each path. Classes are the dataset's
 category ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 
 import numpy as np
-import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
-def _image_id(path: str, index: int) -> int:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return int(stem) if stem.isdigit() else index + 1
+def find_images(inputs: list[str]) -> list[str]:
+    """Image files named by ``inputs`` (files, directories searched recursively, glob patterns),
+    in sorted order without duplicates. Raises FileNotFoundError naming an input that names
+    nothing."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            hits = [os.path.join(root, f) for root, _, files in os.walk(item) for f in files
+                    if f.lower().endswith(IMAGE_EXTENSIONS)]
+            if not hits:
+                raise FileNotFoundError(f"{item}: a directory with no image file "
+                                        f"({', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.isfile(item):
+            hits = [item]
+        elif glob.has_magic(item):
+            hits = [p for p in glob.glob(item, recursive=True)
+                    if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
+            if not hits:
+                raise FileNotFoundError(f"{item}: the pattern matches no image file")
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+        found.extend(os.path.abspath(p) for p in hits)
+    return sorted(set(found))
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """Overlay file names: each path relative to the paths' common folder, with ``.png`` for its
+    extension (its extension kept before ``.png`` where two images would share a name)."""
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    rel = [os.path.relpath(p, root) for p in paths]
+    stems = [os.path.splitext(r)[0] for r in rel]
+    return [(s if stems.count(s) == 1 else r) + ".png" for s, r in zip(stems, rel)]
+
+
+def image_ids(paths: list[str], annotations: str | None = None) -> list[int]:
+    """COCO image ids of ``paths`` (see the module docstring)."""
+    if annotations:
+        with open(annotations, encoding="utf-8") as f:
+            images = json.load(f).get("images", [])
+        by_name = {}
+        for im in images:
+            by_name.setdefault(os.path.basename(im["file_name"]), im["id"])
+        missing = [p for p in paths if os.path.basename(p) not in by_name]
+        if missing:
+            raise ValueError(f"--annotations {annotations}: no image named "
+                             f"{os.path.basename(missing[0])} ({len(missing)} of the "
+                             f"{len(paths)} images are not in it)")
+        return [int(by_name[os.path.basename(p)]) for p in paths]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
 
 
 def load_model_dir(model_dir: str):
-    """(predict_fn, category_ids, class_names, mask_paste) of a training run's latest
-    checkpoint. predict_fn: uint8 [1, H, W, 3] -> detections in that image's pixels, masks
-    [1, D, 28, 28] to paste with ``mask_paste``."""
+    """(predict_batch, category_ids, class_names) of a training run's latest checkpoint.
+    predict_batch: list of uint8 [H, W, 3] images -> one dict per image with ``boxes`` [n, 4]
+    in its pixels, ``scores`` [n], ``classes`` [n] (1..N) and ``masks`` [n, H, W] uint8."""
+    import tensorflow as tf
+
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.model import build_model
+    from mrcnn_tf.ops.masks import paste_masks
     from mrcnn_tf.rundir import read_run
 
     config, latest, ids, names = read_run(model_dir)
     model = build_model(config)
     restore(model, latest)
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return ((lambda x: {k: v.numpy() for k, v in fn(x).items()}), ids, names,
-            config.model.detection.mask_paste)
+    det_cfg = config.model.detection
+    fn = tf.function(lambda x, s: model({"images": x, "image_sizes": s}, training=False),
+                     reduce_retracing=True)
+
+    def predict_batch(images):
+        sizes = np.array([im.shape[:2] for im in images], np.int32)
+        batch = np.zeros((len(images), *sizes.max(0), 3), np.uint8)
+        for i, im in enumerate(images):
+            batch[i, : im.shape[0], : im.shape[1]] = im
+        det = {k: v.numpy() for k, v in fn(batch, sizes).items()}
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            n = int(det["num_detections"][i])
+            boxes = det["detection_boxes"][i, :n]
+            masks = paste_masks(det["detection_masks"][i, :n], boxes, int(h), int(w),
+                                det_cfg.mask_threshold, det_cfg.mask_paste).numpy()
+            out.append({"boxes": boxes, "scores": det["detection_scores"][i, :n],
+                        "classes": det["detection_classes"][i, :n], "masks": masks})
+        return out
+
+    return predict_batch, ids, names
 
 
 def load_saved_model(path: str):
-    """(predict_fn, category_ids, class_names, None) of an exported SavedModel (its
-    ``image_tensor`` signature returns dataset category ids and full-size masks, pasted as the
-    exported model's config says)."""
+    """(predict_batch, category_ids, class_names) of an exported SavedModel, as
+    :func:`load_model_dir` (a string in place of an image's dict: the reason the SavedModel
+    refused it, its ``errors`` entry). Batches go through its ``image_bytes`` signature when it
+    has one (images of different sizes, its own decoding); otherwise ``image_tensor``, one image
+    at a time. Masks come in the export's mode (full, box or png) and are returned full-size."""
+    import tensorflow as tf
+
+    from mrcnn_tf.ops.masks import paste_masks
+
     loaded = tf.saved_model.load(path)
-    sig = loaded.signatures["image_tensor"]
-    with open(os.path.join(path, "assets", "labels.json")) as f:
+    with open(os.path.join(path, "assets", "labels.json"), encoding="utf-8") as f:
         labels = json.load(f)
     ids = [e["id"] for e in labels]
     to_class = {cid: i + 1 for i, cid in enumerate(ids)}
 
-    def fn(x):
-        out = {k: v.numpy() for k, v in sig(images=tf.constant(x, tf.uint8)).items()}
-        out["detection_classes"] = np.vectorize(lambda c: to_class.get(int(c), 0))(
-            out["detection_classes"])
-        return out
+    def unpack(out, row, h, w):
+        n = int(out["num_detections"][row])
+        boxes = out["detection_boxes"][row, :n]
+        if "detection_masks_bytes" in out:
+            masks = np.stack([tf.io.decode_png(b).numpy()[..., 0] // 255
+                              for b in out["detection_masks_bytes"][row, :n]]
+                             ) if n else np.zeros((0, h, w), np.uint8)
+        elif out["detection_masks"].dtype == np.uint8:
+            masks = out["detection_masks"][row, :n, :h, :w]
+        else:  # box: 28x28 probabilities
+            masks = paste_masks(out["detection_masks"][row, :n], boxes, h, w).numpy()
+        classes = np.array([to_class.get(int(c), 0) for c in out["detection_classes"][row, :n]])
+        return {"boxes": boxes, "scores": out["detection_scores"][row, :n], "classes": classes,
+                "masks": masks}
 
-    return fn, ids, [e["name"] for e in labels], None
+    def predict_batch(images, encoded=None):
+        if encoded is not None and "image_bytes" in loaded.signatures:
+            out = loaded.signatures["image_bytes"](images=tf.constant(encoded, tf.string))
+            out = {k: v.numpy() for k, v in out.items()}
+            # An image the SavedModel refused (its errors entry) gives its reason instead.
+            return [e.decode() if e else unpack(out, row, *im.shape[:2])
+                    for row, (im, e) in enumerate(zip(images, out["errors"]))]
+        results = []
+        for im in images:
+            out = loaded.signatures["image_tensor"](images=tf.constant(im[None], tf.uint8))
+            results.append(unpack({k: v.numpy() for k, v in out.items()}, 0, *im.shape[:2]))
+        return results
+
+    return predict_batch, ids, [e["name"] for e in labels]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Inputs: files, directories (recursive) and quoted glob patterns.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model_dir", help="a train.py run (latest checkpoint)")
-    src.add_argument("--saved_model", help="an exported SavedModel version directory")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--score_threshold", type=float, default=0.5, help="drawing threshold")
+    src.add_argument("--model_dir", help="a train.py run directory: its latest checkpoint")
+    src.add_argument("--saved_model", help="an exported SavedModel version directory "
+                                           "(EXPORT_BASE/N)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB",
+                   help="image files, directories searched recursively, or glob patterns")
+    p.add_argument("--output_dir", required=True,
+                   help="where the overlays (same relative paths, .png), results.json and "
+                        "image_ids.json go")
+    p.add_argument("--annotations", default=None,
+                   help="a COCO annotation file: image ids come from it, by file name")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="images per model call (default 1)")
+    p.add_argument("--score_threshold", type=float, default=0.5,
+                   help="keep detections with at least this score, in the overlays and in "
+                        "results.json (default 0.5; 0 keeps all the model returns)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        paths = find_images(args.inputs)
+        ids_of = image_ids(paths, args.annotations)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import tensorflow as tf
 
     from mrcnn_tf.evaluation.coco import CocoEvaluator
-    from mrcnn_tf.ops.masks import paste_masks
     from mrcnn_tf.visualize import draw_detections, save_png
 
     if args.model_dir:
-        predict, ids, names, mask_paste = load_model_dir(args.model_dir)
+        predict_batch, ids, names = load_model_dir(args.model_dir)
     else:
-        predict, ids, names, mask_paste = load_saved_model(args.saved_model)
+        predict_batch, ids, names = load_saved_model(args.saved_model)
     os.makedirs(args.output_dir, exist_ok=True)
     ev = CocoEvaluator(ids, names)
-    for index, path in enumerate(args.images):
-        try:
-            image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                                       expand_animations=False).numpy()
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-            print(f"skipped {path}: not a readable image ({e.message.splitlines()[0]})",
-                  file=sys.stderr)
+    names_out = output_names(paths)
+    done, skipped = {}, 0
+    for start in range(0, len(paths), args.batch_size):
+        batch = []
+        for k in range(start, min(start + args.batch_size, len(paths))):
+            try:
+                data = tf.io.read_file(paths[k])
+                image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+                print(f"skipped {paths[k]}: not a readable image "
+                      f"({e.message.splitlines()[0]})", file=sys.stderr)
+                skipped += 1
+                continue
+            batch.append((k, image, data.numpy()))
+        if not batch:
             continue
-        det = {k: v[0] for k, v in predict(image[None]).items()}
-        h, w = image.shape[:2]
-        n = int(det["num_detections"])
-        masks = det["detection_masks"][:n]
-        if masks.shape[1:] != (h, w):
-            masks = paste_masks(masks[None], det["detection_boxes"][None, :n], h, w,
-                                method=mask_paste or "detectron2").numpy()[0]
-        ev.add_original_frame(_image_id(path, index), det["detection_boxes"][:n],
-                              det["detection_scores"][:n], det["detection_classes"][:n], masks)
-        drawn = draw_detections(image, {**det, "detection_masks": masks}, names,
-                                args.score_threshold)
-        out = os.path.join(args.output_dir,
-                           os.path.splitext(os.path.basename(path))[0] + ".png")
-        save_png(out, drawn)
-        print(f"{path}: {n} detections -> {out}")
+        images = [im for _, im, _ in batch]
+        if args.saved_model:
+            results = predict_batch(images, [d for _, _, d in batch])
+        else:
+            results = predict_batch(images)
+        for (k, image, _), det in zip(batch, results):
+            if isinstance(det, str):
+                print(f"skipped {paths[k]}: {det}", file=sys.stderr)
+                skipped += 1
+                continue
+            keep = det["scores"] >= args.score_threshold
+            det = {key: v[keep] for key, v in det.items()}
+            ev.add_original_frame(ids_of[k], det["boxes"], det["scores"], det["classes"],
+                                  det["masks"])
+            drawn = draw_detections(image, {"detection_boxes": det["boxes"],
+                                            "detection_scores": det["scores"],
+                                            "detection_classes": det["classes"],
+                                            "detection_masks": det["masks"]},
+                                    names, args.score_threshold)
+            out = os.path.join(args.output_dir, names_out[k])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            save_png(out, drawn)
+            done[paths[k]] = ids_of[k]
+            print(f"[{len(done) + skipped}/{len(paths)}] {paths[k]}: "
+                  f"{len(det['scores'])} detections -> {out}", flush=True)
     ev.write_results(os.path.join(args.output_dir, "results.json"))
-    print(f"wrote {len(ev.results)} detections to {args.output_dir}/results.json")
+    with open(os.path.join(args.output_dir, "image_ids.json"), "w", encoding="utf-8") as f:
+        json.dump(done, f, indent=1)
+    print(f"wrote {len(ev.results)} detections of {len(done)} images to "
+          f"{args.output_dir}/results.json" + (f"; {skipped} skipped" if skipped else ""))
     return 0
 
 

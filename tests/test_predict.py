@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
     write_config(str(root), cfg)
     write_labels(str(root), [1, 2, 3], ["square", "circle", "triangle"])
     export_saved_model(model, [1, 2, 3], ["square", "circle", "triangle"],
-                       str(root / "export" / "1"), ("image_tensor",))
+                       str(root / "export" / "1"), ("image_tensor", "image_bytes"))
     return root
 
 
@@ -52,6 +52,74 @@ def test_predict_cli_on_a_real_image(shared_data, run_dir, tmp_path, source):
     assert len(dt.getAnnIds()) == len(results)
     assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
     assert np.isfinite([r["score"] for r in results]).all()
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, "-m", "mrcnn_tf.predict", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_folders_globs_and_same_names(shared_data, run_dir, tmp_path):
+    """Directories (recursive), quoted globs and files; two images called 1.jpg in different
+    folders; overlays keep their relative paths, every image gets its own id, and batches of
+    several images (of different sizes) give the detections of one at a time."""
+    photos = sorted((shared_data / "coco_tiny16" / "train2017").iterdir())[:4]
+    tree = tmp_path / "in"
+    for rel, src in (("a/1.jpg", photos[0]), ("b/1.jpg", photos[1]),
+                     ("b/sub/2.jpg", photos[2]), ("c/x.jpg", photos[3])):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(src.read_bytes())
+    (tree / "a" / "notes.txt").write_text("not an image")
+    inputs = [tree / "a", str(tree / "b" / "**" / "*.jpg"), tree / "c" / "x.jpg",
+              tree / "a" / "1.jpg"]  # given twice: once through its folder
+    outs = {}
+    for name, source, batch in (("one", ["--model_dir", run_dir], 1),
+                                ("batched", ["--model_dir", run_dir], 3),
+                                ("saved", ["--saved_model", run_dir / "export" / "1"], 2)):
+        out = tmp_path / name
+        res = _predict(*source, *inputs, "--output_dir", out, "--batch_size", batch,
+                       "--score_threshold", "0.05")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "[4/4]" in res.stdout
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+        assert written == ["a/1.png", "b/1.png", "b/sub/2.png", "c/x.png"]
+        ids = json.loads((out / "image_ids.json").read_text())
+        assert sorted(ids.values()) == [1, 2, 3, 4]
+        assert ids[str(tree / "c" / "x.jpg")] == 4
+        outs[name] = json.loads((out / "results.json").read_text())
+    for name in ("batched", "saved"):
+        assert len(outs[name]) == len(outs["one"]) > 0
+        for a, b in zip(outs["one"], outs[name]):
+            assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+            np.testing.assert_allclose(a["bbox"], b["bbox"], atol=0.05)
+
+
+def test_ids_from_annotations_and_inputs_that_name_nothing(shared_data, run_dir, tmp_path):
+    from mrcnn_tf.evaluation.coco import evaluate_results_json
+
+    ann = shared_data / "coco_tiny16" / "instances_train2017.json"
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    photos = sorted((shared_data / "coco_tiny16" / "train2017").iterdir())[:2]
+    for p in photos:  # same file names, another folder: the ids come from the file names
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    res = _predict("--model_dir", run_dir, folder, "--output_dir", out, "--annotations", ann,
+                   "--score_threshold", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    images = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]}
+    ids = json.loads((out / "image_ids.json").read_text())
+    assert {os.path.basename(k): v for k, v in ids.items()} == {
+        p.name: images[p.name] for p in photos}
+    scores = evaluate_results_json(str(ann), str(out / "results.json"))
+    assert -1.0 <= scores["bbox"]["AP"] <= 1.0
+    (folder / "stray.jpg").write_bytes(photos[0].read_bytes())
+    res = _predict("--model_dir", run_dir, folder, "--output_dir", out, "--annotations", ann)
+    assert res.returncode == 2 and "no image named stray.jpg" in res.stderr
+    for bad in (tmp_path / "missing.jpg", str(tmp_path / "*.png"), tmp_path / "out" / "a"):
+        res = _predict("--model_dir", run_dir, bad, "--output_dir", out)
+        assert res.returncode == 2 and str(bad) in res.stderr, res.stderr[-500:]
 
 
 def test_evaluating_the_saved_model_equals_the_keras_model(run_dir):

@@ -1,36 +1,15 @@
-"""Drawing detections: translucent masks, boxes, class names and scores (numpy only; a built-in
-5x7 bitmap font, so no imaging library is needed)."""
+"""Drawing detections: translucent masks and boxes blended with numpy; class names and scores
+drawn with Pillow's ImageDraw on a box of the instance's colour (any Unicode name the font has)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
+from PIL import Image, ImageDraw, ImageFont
 
 from mrcnn_tf.ops.masks import paste_masks
-
-_FONT = {
-    "A": (14, 17, 17, 31, 17, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30),
-    "C": (14, 17, 16, 16, 16, 17, 14), "D": (30, 17, 17, 17, 17, 17, 30),
-    "E": (31, 16, 16, 30, 16, 16, 31), "F": (31, 16, 16, 30, 16, 16, 16),
-    "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17),
-    "I": (14, 4, 4, 4, 4, 4, 14), "J": (7, 2, 2, 2, 2, 18, 12),
-    "K": (17, 18, 20, 24, 20, 18, 17), "L": (16, 16, 16, 16, 16, 16, 31),
-    "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17),
-    "O": (14, 17, 17, 17, 17, 17, 14), "P": (30, 17, 17, 30, 16, 16, 16),
-    "Q": (14, 17, 17, 17, 21, 18, 13), "R": (30, 17, 17, 30, 20, 18, 17),
-    "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4),
-    "U": (17, 17, 17, 17, 17, 17, 14), "V": (17, 17, 17, 17, 17, 10, 4),
-    "W": (17, 17, 17, 21, 21, 21, 10), "X": (17, 17, 10, 4, 10, 17, 17),
-    "Y": (17, 17, 17, 10, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
-    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14),
-    "2": (14, 17, 1, 2, 4, 8, 31), "3": (31, 2, 4, 2, 1, 17, 14),
-    "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
-    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8),
-    "8": (14, 17, 17, 14, 17, 17, 14), "9": (14, 17, 17, 15, 1, 2, 12),
-    ".": (0, 0, 0, 0, 0, 12, 12), ":": (0, 12, 12, 0, 12, 12, 0), "-": (0, 0, 0, 31, 0, 0, 0),
-    "_": (0, 0, 0, 0, 0, 0, 31), "%": (24, 25, 2, 4, 8, 19, 3), " ": (0,) * 7,
-    "?": (14, 17, 1, 2, 4, 0, 4),
-}
 
 # Well-separated colours (tab10-like), cycled over instances.
 PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
@@ -38,26 +17,39 @@ PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]
                     [188, 189, 34], [23, 190, 207]], np.uint8)
 
 
-def _text_bitmap(text: str, scale: int) -> np.ndarray:
-    """[7 * scale, 6 * len * scale] bool pixels of ``text`` (upper-cased)."""
-    cols = []
-    for ch in text.upper():
-        rows = _FONT.get(ch, _FONT["?"])
-        glyph = np.array([[(r >> (4 - i)) & 1 for i in range(5)] + [0] for r in rows], bool)
-        cols.append(glyph)
-    bitmap = np.concatenate(cols, axis=1) if cols else np.zeros((7, 0), bool)
-    return np.kron(bitmap, np.ones((scale, scale), bool)).astype(bool)
+# TrueType fonts tried in order for labels (DejaVu covers Latin, Greek and Cyrillic); Pillow's
+# own default font otherwise.
+FONT_FILES = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+              "Arial.ttf", "/Library/Fonts/Arial Unicode.ttf")
 
 
-def _draw_label(img, y, x, text, color, scale):
-    bits = _text_bitmap(text, scale)
-    h, w = bits.shape[0] + 2 * scale, bits.shape[1] + 2 * scale
-    y = int(np.clip(y - h, 0, max(img.shape[0] - h, 0)))
-    x = int(np.clip(x, 0, max(img.shape[1] - w, 0)))
-    region = img[y: y + h, x: x + w]
-    region[...] = color
-    sub = region[scale: scale + bits.shape[0], scale: scale + bits.shape[1]]
-    sub[bits[: sub.shape[0], : sub.shape[1]]] = 255
+@functools.lru_cache(maxsize=16)
+def label_font(size: int):
+    """A Pillow font of ``size`` pixels for labels."""
+    for name in FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def _draw_labels(img: np.ndarray, labels, size: int) -> np.ndarray:
+    """Draws each (y, x, text, colour) as white text on a box of its colour, above (y, x) where
+    there is room, inside the image. Returns a new [H, W, 3] uint8 array."""
+    canvas = Image.fromarray(img)
+    draw = ImageDraw.Draw(canvas)
+    font = label_font(size)
+    h, w = img.shape[:2]
+    pad = max(1, size // 6)
+    for y, x, text, color in labels:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        bw, bh = right - left + 2 * pad, bottom - top + 2 * pad
+        y0 = int(np.clip(y - bh, 0, max(h - bh, 0)))
+        x0 = int(np.clip(x, 0, max(w - bw, 0)))
+        draw.rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=tuple(int(c) for c in color))
+        draw.text((x0 + pad - left, y0 + pad - top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas).copy()
 
 
 def _draw_box(img, box, color, thickness):
@@ -101,6 +93,7 @@ def draw_detections(image, detections: dict, class_names, score_threshold: float
     names = class_names if isinstance(class_names, dict) else {
         i + 1: n for i, n in enumerate(class_names)}
     scale = max(1, min(h, w) // 300)
+    font_size = max(11, min(h, w) // 40)
     out = img.astype(np.float32)
     for j in range(len(keep)):
         color = PALETTE[j % len(PALETTE)].astype(np.float32)
@@ -108,13 +101,14 @@ def draw_detections(image, detections: dict, class_names, score_threshold: float
             m = masks[j] > 0
             out[m] = (1 - alpha) * out[m] + alpha * color
     img = out.astype(np.uint8)
+    labels = []
     for j, i in enumerate(keep):
         color = PALETTE[j % len(PALETTE)]
         _draw_box(img, boxes[j], color, scale + 1)
         cls = int(det["detection_classes"][i])
-        label = f"{names.get(cls, cls)} {det['detection_scores'][i]:.2f}"
-        _draw_label(img, boxes[j][0], boxes[j][1], label, color, scale)
-    return img
+        labels.append((boxes[j][0], boxes[j][1],
+                       f"{names.get(cls, cls)} {det['detection_scores'][i]:.2f}", color))
+    return _draw_labels(img, labels, font_size) if labels else img
 
 
 def save_png(path: str, image: np.ndarray) -> None:

@@ -29,3 +29,21 @@ def test_box_masks_are_pasted():
            "detection_masks": np.ones((1, 28, 28), np.float32)}
     out = draw_detections(image, det, {1: "thing"})
     assert out[20, 20].any() and not out[40, 40].any()
+
+
+def test_labels_keep_case_spaces_and_non_ascii_names():
+    """Names are drawn as written (Pillow text), not upper-cased or replaced by '?'."""
+    image = np.full((200, 300, 3), 60, np.uint8)
+    det = {"detection_boxes": np.array([[100, 20, 180, 200]], np.float32),
+           "detection_scores": np.array([0.9], np.float32), "detection_classes": np.array([1])}
+
+    def draw(name):
+        return draw_detections(image, det, [name])
+
+    lower, upper = draw("traffic light"), draw("TRAFFIC LIGHT")
+    assert (lower != upper).any()
+    accented, plain = draw("café"), draw("caf?")
+    assert (accented != plain).any()
+    label = lower[70:100, 20:200]  # above the box: white text on the instance colour
+    assert (label == 255).all(axis=-1).sum() > 30
+    assert (draw("traffic light") == lower).all()  # deterministic

@@ -122,7 +122,7 @@ def test_ids_from_annotations_and_inputs_that_name_nothing(shared_data, run_dir,
         assert res.returncode == 2 and str(bad) in res.stderr, res.stderr[-500:]
 
 
-def test_evaluating_the_saved_model_equals_the_keras_model(run_dir):
+def test_evaluating_the_saved_model_equals_the_keras_model(run_dir, capsys):
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.evaluation.run import evaluate, model_predict_fn, saved_model_predict_fn
 
@@ -131,6 +131,9 @@ def test_evaluating_the_saved_model_equals_the_keras_model(run_dir):
     model = mrcnn_tf.build_model(cfg)
     restore(model, str(run_dir / "checkpoints" / "ckpt-1"))
     keras_res = evaluate(model_predict_fn(model), cfg)
+    progress = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("evaluation: ")]
+    assert progress and progress[-1].startswith("evaluation: 4/4 images")
     saved_res = evaluate(saved_model_predict_fn(str(run_dir / "export" / "1"), [1, 2, 3]), cfg)
     assert keras_res["num_images"] == saved_res["num_images"] == 4
     assert saved_res["bbox"]["AP50"] == pytest.approx(keras_res["bbox"]["AP50"], abs=1e-3)

@@ -15,8 +15,10 @@ import argparse
 import multiprocessing
 import os
 import sys
+from queue import Empty
 
 from mrcnn_tf.data.coco import CocoDataset, rasterize
+from mrcnn_tf.progress import Progress
 
 
 def shard_path(prefix: str, index: int, shards: int) -> str:
@@ -24,31 +26,29 @@ def shard_path(prefix: str, index: int, shards: int) -> str:
 
 
 def _write_shard(args):
-    annotations, images, prefix, index, shards = args
+    """Writes one shard from records already read and checked by the parent (the annotation file
+    is read, and the image files checked, once). Reports progress on ``queue`` (or calls it)."""
+    records, category_ids, names, path, queue = args
     # Imported here so that the parent process stays light and workers start cleanly (spawn).
-    import logging
-
     import tensorflow as tf
-
-    logging.getLogger("mrcnn_tf.data").setLevel(logging.ERROR)  # the parent already warned
 
     from mrcnn_tf.data.tfrecord import make_example
 
-    coco = CocoDataset(annotations, images, keep_empty_images=True, include_crowd=True)
-    names = coco.class_names
+    report = queue if callable(queue) else queue.put
     count = 0
-    with tf.io.TFRecordWriter(shard_path(prefix, index, shards)) as writer:
-        for rec in coco.records[index::shards]:
+    with tf.io.TFRecordWriter(path) as writer:
+        for rec in records:
             with open(rec["file_name"], "rb") as f:
                 encoded = f.read()
             fmt = "png" if encoded.startswith(b"\x89PNG") else "jpeg"
             masks = rasterize(rec["segmentations"], rec["height"], rec["width"])
-            cat_ids = [coco.category_ids[c - 1] for c in rec["classes"]]
+            cat_ids = [category_ids[c - 1] for c in rec["classes"]]
             writer.write(make_example(encoded, fmt, rec["height"], rec["width"], rec["image_id"],
                                       os.path.basename(rec["file_name"]), rec["boxes"], cat_ids,
                                       [names[c - 1] for c in rec["classes"]], rec["is_crowd"],
                                       masks))
             count += 1
+            report(1)
     return count
 
 
@@ -60,13 +60,25 @@ def convert(annotations: str, images: str, output: str, shards: int = 1,
     coco = CocoDataset(annotations, images, keep_empty_images=True, include_crowd=True)
     print(coco.report.summary(), file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    jobs = [(annotations, images, output, i, shards) for i in range(shards)]
+    records = coco.records
+    progress = Progress(len(records), "create_tfrecord")
+    jobs = [(records[i::shards], coco.category_ids, coco.class_names,
+             shard_path(output, i, shards)) for i in range(shards)]
     workers = min(workers or os.cpu_count() or 1, shards)
     if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            counts = pool.map(_write_shard, jobs)
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager, context.Pool(workers) as pool:
+            queue = manager.Queue()
+            result = pool.map_async(_write_shard, [job + (queue,) for job in jobs])
+            while not (result.ready() and queue.empty()):
+                try:
+                    progress.update(queue.get(timeout=0.2))
+                except Empty:
+                    pass
+            counts = result.get()
     else:
-        counts = [_write_shard(j) for j in jobs]
+        counts = [_write_shard(job + (progress.update,)) for job in jobs]
+    progress.close()
     return sum(counts)
 
 
@@ -75,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--annotations", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="folder of the images")
     p.add_argument("--output", required=True, help="output prefix, e.g. out/train")
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--shards", type=int, default=1, help="number of output files")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     args = p.parse_args(argv)
     n = convert(args.annotations, args.images, args.output, args.shards, args.workers)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from mrcnn_tf.config import Config
 from mrcnn_tf.data import build_dataset, source_info
 from mrcnn_tf.evaluation.coco import CocoEvaluator
+from mrcnn_tf.progress import Progress
 
 logger = logging.getLogger("mrcnn_tf")
 
@@ -44,6 +45,9 @@ def evaluate(predict_fn, config: Config, info=None, max_images: int | None = Non
     limit = max_images if max_images is not None else config.eval.num_images
     t0 = time.time()
     seen = 0
+    total = min(n for n in (limit, info.num_images) if n is not None) if (
+        limit is not None or info.num_images is not None) else None
+    progress = Progress(total, "evaluation")
     for images, targets in build_dataset(config, training=False, info=info):
         sizes = targets["image_info"]["image_size"]
         detections = predict_fn({"images": images, "image_sizes": sizes})
@@ -51,8 +55,10 @@ def evaluate(predict_fn, config: Config, info=None, max_images: int | None = Non
         if ev.gt is None:
             ev.add_ground_truth(targets, mini_masks=config.data.mask_mode == "mini")
         seen += int(images.shape[0])
+        progress.update(int(images.shape[0]))
         if limit is not None and seen >= limit:
             break
+    progress.close()
     results = ev.evaluate()
     if results_path:
         ev.write_results(results_path)

@@ -44,6 +44,9 @@ def test_converter_cli_and_round_trip_equal_the_json_path(shared_data, tmp_path)
                           "--workers", "2"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "wrote 16 images to 2 shard(s)" in res.stdout
+    # Progress from the two worker processes, counted in the parent (a log: one line a tenth).
+    lines = [line for line in res.stderr.splitlines() if line.startswith("create_tfrecord: ")]
+    assert lines and lines[-1].startswith("create_tfrecord: 16/16 images") and len(lines) <= 11
     extra = ["model.num_classes=80", "data.max_instances=64", "eval.batch_size=4"]
     json_out = _collect(build_dataset(coco_config(ann_file, image_dir, 320, extra), False))
     rec_cfg = coco_config(ann_file, image_dir, 320, extra + [
@@ -64,3 +67,22 @@ def test_convert_rejects_bad_shards(tmp_path):
 
     with pytest.raises(ValueError, match="--shards must be >= 1"):
         convert("a.json", "imgs", str(tmp_path / "x"), shards=0)
+
+
+def test_the_annotation_file_is_read_once_whatever_the_shards(shared_data, tmp_path, monkeypatch):
+    from mrcnn_tf.data import create_tfrecord
+
+    reads = []
+    original = create_tfrecord.CocoDataset
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(create_tfrecord, "CocoDataset", counting)
+    n = convert(str(shared_data / "coco_tiny16" / "instances_train2017.json"),
+                str(shared_data / "coco_tiny16" / "train2017"), str(tmp_path / "x"), shards=3,
+                workers=1)
+    assert n == 16 and len(reads) == 1
+    assert sum(1 for _ in tf.data.TFRecordDataset(
+        [str(p) for p in tmp_path.glob("x-*.tfrecord")])) == 16

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import keras
@@ -109,6 +110,49 @@ class CheckpointEvery(keras.callbacks.Callback):
                               f"it are intact, the latest: {self.manager.latest_checkpoint}"
                               ) from None
             logger.info("checkpoint at step %d: %s", step, self.manager.latest_checkpoint)
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Training progress in optimiser steps (not Keras' epochs, which a step-based run only uses
+    to schedule checkpoints): on a terminal one line rewritten every step; otherwise (a log file)
+    one compact line every ``every`` steps and at the last step: step, losses, learning rate,
+    s/step and ETA."""
+
+    KEYS = ("loss", *LOSS_KEYS)
+
+    def __init__(self, every: int, total: int, stream=None):
+        super().__init__()
+        self.every, self.total = every, total
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._t0 = self._start = None
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.perf_counter()
+        self._start = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if not (self.tty or step % self.every == 0 or step == self.total):
+            return
+        logs = logs or {}
+        rate = (time.perf_counter() - self._t0) / max(step - self._start, 1)
+        eta = int(rate * max(self.total - step, 0))
+        parts = [f"{k.removeprefix('loss_')} {float(logs[k]):.4f}" for k in self.KEYS if k in logs]
+        if "learning_rate" in logs:
+            parts.append(f"lr {float(logs['learning_rate']):.3g}")
+        line = (f"step {step}/{self.total} " + " ".join(parts)
+                + f" {rate:.2f} s/step ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def on_train_end(self, logs=None):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -241,6 +285,10 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
                                                      update_freq=t.log_every))
+    if verbose == "auto":  # log in steps; an explicit 1 or 2 keeps Keras' per-epoch output
+        verbose = 0
+        if chief:
+            callbacks.append(StepLogger(t.log_every, t.steps))
     t0 = time.time()
     history = None
     if start < t.steps:

@@ -598,3 +598,23 @@ def test_fit_traces_once_per_canvas(shared_data, caplog):
     assert len(shapes) == len(set(shapes)) >= 2
     assert set(shapes) <= {"(2, 96, 96, 3)", "(2, 96, 128, 3)", "(2, 128, 96, 3)"}
     assert all(np.isfinite(v[-1]) for v in hist.history.values())
+
+
+def test_step_logger_logs_steps_not_epochs():
+    """A line every log_every optimiser steps and at the last one, across Keras' epochs (a
+    step-based run uses them only to schedule checkpoints)."""
+    import io
+
+    import keras
+
+    from mrcnn_tf.training import StepLogger
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 1), np.float32)
+    out = io.StringIO()
+    model.fit(x, y, batch_size=1, epochs=3, verbose=0, callbacks=[StepLogger(5, 12, out)])
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["5/12", "10/12", "12/12"]
+    assert all(" loss " in line and "s/step ETA " in line for line in lines)
+    assert lines[-1].endswith("ETA 0:00:00") and "Epoch" not in out.getvalue()

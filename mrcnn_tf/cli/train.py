@@ -47,7 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.steps=100; a resumed run may change "
                         "train.*, data.*, eval.* and export.* only")
-    p.add_argument("--verbose", default="auto", help="Keras fit verbosity: auto, 0, 1, 2")
+    p.add_argument("--verbose", default="auto",
+                   help="auto (default): progress in steps, a line every train.log_every steps "
+                        "(one line rewritten in place on a terminal); 0: none; 1 or 2: Keras' "
+                        "own per-epoch output")
     return p.parse_args(argv)
 
 

@@ -189,6 +189,9 @@ def main(argv=None) -> int:
                    help="keep detections with at least this score, in the overlays and in "
                         "results.json (default 0.5; 0 keeps all the model returns)")
     args = p.parse_args(argv)
+    from mrcnn_tf.cli import quiet
+
+    quiet()
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     try:

@@ -294,7 +294,7 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
     if start < t.steps:
         history = model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
                             initial_epoch=start // steps_per_epoch, callbacks=callbacks,
-                            verbose=verbose)
+                            verbose=verbose, shuffle=False)  # the pipeline shuffles
     elapsed = time.time() - t0
     end = int(model.optimizer.iterations.numpy())
     if final_weights and nan_stop.bad is None:

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from mrcnn_tf.cli import quiet
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
                         "export.max_image_pixels)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
+    quiet()
 
 
     from mrcnn_tf.checkpoint import restore

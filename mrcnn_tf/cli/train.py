@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
+from mrcnn_tf.cli import quiet
 from mrcnn_tf.config import packaged_config
 
 DEFAULT_CONFIG = packaged_config("shapes.yaml")
@@ -68,7 +68,7 @@ def export_run(model, config, model_dir: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet()
     from mrcnn_tf.config import ConfigError
     from mrcnn_tf.data import DataError
     from mrcnn_tf.rundir import RunLockError, resolve_config

@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=1, help="number of output files")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     args = p.parse_args(argv)
+    from mrcnn_tf.cli import quiet
+
+    quiet()
     n = convert(args.annotations, args.images, args.output, args.shards, args.workers)
     print(f"wrote {n} images to {args.shards} shard(s) at {args.output}-*-of-"
           f"{args.shards:05d}.tfrecord")

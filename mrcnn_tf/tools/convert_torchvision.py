@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. model.detection.score_threshold=0.3")
     args = p.parse_args(argv)
+    from mrcnn_tf.cli import quiet
+
+    quiet()
     convert(args.checkpoint, args.output, args.config, args.set)
     return 0
 

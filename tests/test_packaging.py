@@ -71,3 +71,17 @@ def test_a_missing_config_path_names_the_packaged_config(tmp_path, monkeypatch):
     assert packaged_config("configs/nope.yaml") == "configs/nope.yaml"
     (tmp_path / "mine.yaml").write_text("train:\n  steps: 7\n")
     assert packaged_config("mine.yaml") == "mine.yaml"  # a file that exists is taken as it is
+
+
+def test_import_and_help_do_not_load_tensorflow():
+    code = ("import sys, mrcnn_tf, mrcnn_tf.cli.train as t; before = 'tensorflow' in sys.modules;"
+            " mrcnn_tf.load_config; print(before, 'tensorflow' in sys.modules,"
+            " callable(mrcnn_tf.build_model), 'tensorflow' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "False", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import mrcnn_tf
+
+        mrcnn_tf.nope  # noqa: B018

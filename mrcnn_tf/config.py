@@ -371,6 +371,8 @@ class EvalConfig:
     batch_size: int = opt(8, "evaluation batch size", min=1)
     every_n_steps: int = opt(5000, "evaluate during fit every this many steps", min=1)
     num_images: int | None = opt(None, "evaluate at most this many images (None = all)", min=1)
+    tensorboard_images: int = opt(4, "prediction overlays of the first validation images written "
+                                  "to TensorBoard at each evaluation during fit (0: none)", min=0)
 
 
 @dataclass(frozen=True)

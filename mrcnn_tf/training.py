@@ -380,29 +380,42 @@ def _distributed_dataset(config: Config, strategy, info):
         lambda ctx: build_dataset(config, True, input_context=ctx, info=info))
 
 
-def draw_validation_predictions(model, config: Config, model_dir: str, class_names,
-                                num_images: int = 4) -> list[str]:
-    """Draws the model's detections on the first validation images into
-    ``model_dir/predictions/*.png``; returns the paths."""
+def validation_overlays(model, config: Config, class_names, num_images: int = 4,
+                        info=None) -> list[tuple[int, object]]:
+    """The model's detections drawn on the first ``num_images`` validation images (the eval
+    pipeline's order, which is fixed): [(image_id, [H, W, 3] uint8)]."""
     import numpy as np
 
-    from mrcnn_tf.visualize import draw_detections, save_png
+    from mrcnn_tf.visualize import draw_detections
 
-    out_dir = os.path.join(model_dir, "predictions")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for images, targets in build_dataset(config, training=False):
+    out = []
+    if num_images < 1:
+        return out
+    for images, targets in build_dataset(config, training=False, info=info):
         sizes = targets["image_info"]["image_size"].numpy()
         det = model({"images": images, "image_sizes": sizes}, training=False)
         for b in range(images.shape[0]):
             h, w = sizes[b]
             image = images[b, :h, :w].numpy()
             one = {k: np.asarray(v[b]) for k, v in det.items()}
-            drawn = draw_detections(image, one, class_names, score_threshold=0.5)
-            image_id = int(targets["image_info"]["image_id"][b])
-            path = os.path.join(out_dir, f"val_{image_id}.png")
-            save_png(path, drawn)
-            paths.append(path)
-            if len(paths) >= num_images:
-                return paths
+            out.append((int(targets["image_info"]["image_id"][b]),
+                        draw_detections(image, one, class_names, score_threshold=0.5)))
+            if len(out) >= num_images:
+                return out
+    return out
+
+
+def draw_validation_predictions(model, config: Config, model_dir: str, class_names,
+                                num_images: int = 4) -> list[str]:
+    """Draws the model's detections on the first validation images into
+    ``model_dir/predictions/*.png``; returns the paths."""
+    from mrcnn_tf.visualize import save_png
+
+    out_dir = os.path.join(model_dir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for image_id, drawn in validation_overlays(model, config, class_names, num_images):
+        path = os.path.join(out_dir, f"val_{image_id}.png")
+        save_png(path, drawn)
+        paths.append(path)
     return paths

@@ -114,3 +114,35 @@ def draw_detections(image, detections: dict, class_names, score_threshold: float
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes a [H, W, 3] uint8 image as PNG."""
     tf.io.write_file(path, tf.io.encode_png(np.asarray(image, np.uint8)))
+
+
+def draw_pr_curves(curves: dict, size: tuple[int, int] = (480, 360)) -> np.ndarray:
+    """A precision-recall plot: ``curves`` maps a name to precisions at equally spaced recalls
+    0..1 (COCO's 101). Returns [height, width, 3] uint8 (``size`` is width, height)."""
+    w, h = size
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = label_font(12)
+    left, right, top, bottom = 48, w - 12, 26, h - 40
+    for i in range(6):  # grid and tick labels at 0, 0.2, ..., 1
+        v = i / 5
+        x = left + v * (right - left)
+        y = bottom - v * (bottom - top)
+        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.text((x - 8, bottom + 4), f"{v:.1f}", fill=(0, 0, 0), font=font)
+        draw.text((left - 30, y - 7), f"{v:.1f}", fill=(0, 0, 0), font=font)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text(((left + right) // 2 - 18, bottom + 20), "recall", fill=(0, 0, 0), font=font)
+    draw.text((4, 4), "precision", fill=(0, 0, 0), font=font)
+    for j, (name, precision) in enumerate(curves.items()):
+        color = tuple(int(c) for c in PALETTE[j % len(PALETTE)])
+        p = np.asarray(precision, np.float64)
+        r = np.linspace(0, 1, len(p))
+        points = [(left + ri * (right - left), bottom - pi * (bottom - top))
+                  for ri, pi in zip(r, np.clip(p, 0, 1))]
+        draw.line(points, fill=color, width=2)
+        draw.rectangle([right - 150, top + 6 + 16 * j, right - 140, top + 16 + 16 * j],
+                       fill=color)
+        draw.text((right - 134, top + 4 + 16 * j), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas).copy()

@@ -73,6 +73,7 @@ READ_IN_LOOP = {
     "train.mixed_precision": ("mrcnn_tf/training.py", r"\bt\.mixed_precision\b"),
     "eval.every_n_steps": ("mrcnn_tf/evaluation/run.py", r"\beval\.every_n_steps\b"),
     "eval.num_images": ("mrcnn_tf/evaluation/run.py", r"\beval\.num_images\b"),
+    "eval.tensorboard_images": ("mrcnn_tf/evaluation/run.py", r"\beval\.tensorboard_images\b"),
     "model.init_from": ("mrcnn_tf/training.py", r"\bm\.init_from\b"),
     "model.backbone.weights": ("mrcnn_tf/training.py", r"\bm\.backbone\.weights\b"),
     "model.detection.mask_threshold": ("mrcnn_tf/evaluation/run.py",

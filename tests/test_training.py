@@ -400,6 +400,17 @@ def test_memorises_coco_tiny16(shared_data, tmp_path):
     assert out["bbox"]["AP50"] >= 0.5
 
 
+def _event_tags(folder: str) -> set[str]:
+    """The summary tags written to the TensorBoard event files in ``folder``."""
+    import tensorflow as tf
+
+    tags = set()
+    for name in os.listdir(folder):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+            tags |= {v.tag for v in event.summary.value}
+    return tags
+
+
 def test_train_and_eval_under_mirrored_then_eval_mode(tmp_path):
     # The main job's flow at toy size, under MirroredStrategy over 2 logical CPUs: evaluation
     # during fit (metrics.json, TensorBoard), prediction PNGs, the exported SavedModel; then
@@ -419,7 +430,9 @@ def test_train_and_eval_under_mirrored_then_eval_mode(tmp_path):
     assert [e["step"] for e in entries] == [2, 4]
     assert set(entries[0]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert set(entries[0]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert os.listdir(os.path.join(model_dir, "tensorboard", "eval"))
+    tags = _event_tags(os.path.join(model_dir, "tensorboard", "eval"))
+    assert {"bbox/AP", "segm/AP50", "per_class_AP", "precision_recall"} <= tags
+    assert len([t for t in tags if t.startswith("predictions/")]) == 4  # eval.tensorboard_images
     assert len(os.listdir(os.path.join(model_dir, "predictions"))) == 4
     assert os.path.exists(os.path.join(model_dir, "export", "1", "saved_model.pb"))
     res = subprocess.run([sys.executable, str(REPO / "train.py"), "--mode", "eval", *common],

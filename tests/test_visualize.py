@@ -47,3 +47,15 @@ def test_labels_keep_case_spaces_and_non_ascii_names():
     label = lower[70:100, 20:200]  # above the box: white text on the instance colour
     assert (label == 255).all(axis=-1).sum() > 30
     assert (draw("traffic light") == lower).all()  # deterministic
+
+
+def test_precision_recall_plot():
+    from mrcnn_tf.visualize import PALETTE, draw_pr_curves
+
+    flat = [1.0] * 51 + [0.0] * 50
+    img = draw_pr_curves({"bbox IoU=0.50": flat, "segm IoU=0.50": np.linspace(1, 0, 101)})
+    assert img.shape == (360, 480, 3) and img.dtype == np.uint8
+    for j in range(2):  # each curve is drawn in its colour
+        assert (img == PALETTE[j]).all(axis=-1).sum() > 100
+    # The first curve is at precision 1 (the plot's top edge, y = 26) over the left half.
+    assert (img[25:29, 60:250] == PALETTE[0]).all(axis=-1).any(axis=0).mean() > 0.9

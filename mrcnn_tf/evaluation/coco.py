@@ -158,14 +158,19 @@ class CocoEvaluator:
 
     def evaluate(self, iou_types=("bbox", "segm"), verbose: bool = False) -> dict:
         """{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...},
-        "per_class": {"bbox": {name: AP}, "segm": {...}}}. AP is -1 where undefined."""
+        "per_class": {"bbox": {name: AP}, "segm": {...}},
+        "pr_curves": {"bbox": {"IoU=0.50": [101], "IoU=0.75": [101]}, "segm": {...}}}.
+        AP is -1 where undefined. A precision-recall curve is COCO's interpolated precision at
+        recall 0, 0.01, ..., 1 (all areas, 100 detections), averaged over the classes that have
+        ground truth; 0 where no class reaches that recall."""
         gt = self.ground_truth()
         image_ids = sorted(set(self.image_ids)) or sorted(gt.getImgIds())
-        out, per_class = {}, {}
+        out, per_class, curves = {}, {}, {}
         for iou_type in iou_types:
             if not self.results:
                 out[iou_type] = {k: 0.0 for k in STAT_NAMES}
                 per_class[iou_type] = {n: 0.0 for n in self.class_names}
+                curves[iou_type] = {name: [0.0] * 101 for name in PR_IOUS}
                 continue
             results = self.results if iou_type == "segm" else [
                 {k: v for k, v in r.items() if k != "segmentation"} for r in self.results]
@@ -181,7 +186,9 @@ class CocoEvaluator:
                 print(sink.getvalue())
             out[iou_type] = {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:6])}
             per_class[iou_type] = self._per_class(ev)
+            curves[iou_type] = pr_curves(ev.eval["precision"])
         out["per_class"] = per_class
+        out["pr_curves"] = curves
         return out
 
     def _per_class(self, ev) -> dict:
@@ -198,6 +205,22 @@ class CocoEvaluator:
         """The detections as a COCO results JSON (loads with pycocotools' loadRes)."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.results, f)
+
+
+PR_IOUS = {"IoU=0.50": 0, "IoU=0.75": 5}  # name: index in COCOeval's IoU thresholds
+
+
+def pr_curves(precision: np.ndarray) -> dict:
+    """Precision at COCO's 101 recall points for IoU 0.5 and 0.75, averaged over the classes
+    with ground truth (all areas, 100 detections). ``precision``: COCOeval's [T, R, K, A, M]
+    (-1 where a class has no ground truth)."""
+    out = {}
+    for name, t in PR_IOUS.items():
+        p = precision[t, :, :, 0, -1]  # [R, K]
+        valid = (p > -1).all(axis=0)
+        out[name] = [float(v) for v in (p[:, valid].mean(axis=1) if valid.any()
+                                        else np.zeros(p.shape[0]))]
+    return out
 
 
 def evaluate_results_json(ground_truth, results_path: str, class_names=None) -> dict:

@@ -124,8 +124,9 @@ def _entry(step: int, results: dict) -> dict:
 class CocoEvalCallback(keras.callbacks.Callback):
     """Evaluates during ``fit`` every ``every_n_steps`` optimiser steps (and, with
     ``at_epoch_end``, after every epoch): appends {"step", "bbox", "segm", ...} to
-    ``model_dir/metrics.json`` and writes eval/bbox_AP... scalars to TensorBoard. Only the chief
-    writes; under MirroredStrategy the model is called in cross-replica context."""
+    ``model_dir/metrics.json`` and writes to TensorBoard (``tensorboard/eval``) the AP
+    scalars, a per-class AP table, the precision-recall curves and prediction overlays. Only
+    the chief writes; under MirroredStrategy the model is called in cross-replica context."""
 
     def __init__(self, config: Config, model_dir: str, every_n_steps: int | None = None,
                  at_epoch_end: bool = False, write: bool = True):
@@ -155,11 +156,32 @@ class CocoEvalCallback(keras.callbacks.Callback):
               f"{results['seconds']} s)", flush=True)
         if self.write:
             append_metrics(self.model_dir, entry)
-            with self._writer.as_default(step=step):
-                for kind in ("bbox", "segm"):
-                    for k, v in results[kind].items():
-                        tf.summary.scalar(f"{kind}/{k}", v)
-            self._writer.flush()
+            self._summaries(step, results)
+
+    def _summaries(self, step: int, results: dict) -> None:
+        """TensorBoard: AP scalars; per-class AP as a text table; the precision-recall curves
+        as an image; the predictions on the first ``eval.tensorboard_images`` validation images
+        (the same images every time)."""
+        from mrcnn_tf.training import validation_overlays
+        from mrcnn_tf.visualize import draw_pr_curves
+
+        with self._writer.as_default(step=step):
+            for kind in ("bbox", "segm"):
+                for k, v in results[kind].items():
+                    tf.summary.scalar(f"{kind}/{k}", v)
+            per_class = results["per_class"]
+            rows = [f"| {name} | {per_class['bbox'][name]:.4f} | "
+                    f"{per_class['segm'].get(name, -1.0):.4f} |" for name in per_class["bbox"]]
+            tf.summary.text("per_class_AP", "\n".join(
+                ["| class | bbox AP | segm AP |", "|---|---|---|", *rows]))
+            curves = {f"{kind} {iou}": p for kind in ("bbox", "segm")
+                      for iou, p in results["pr_curves"][kind].items()}
+            tf.summary.image("precision_recall", draw_pr_curves(curves)[None])
+            for image_id, drawn in validation_overlays(
+                    self.model, self.config, self.info.class_names,
+                    self.config.eval.tensorboard_images, self.info):
+                tf.summary.image(f"predictions/{image_id}", drawn[None])
+        self._writer.flush()
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) % self.every == 0:

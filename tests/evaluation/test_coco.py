@@ -35,6 +35,7 @@ def test_perfect_detections_give_ap_1():
     assert out["bbox"]["AP"] == pytest.approx(1.0)
     assert out["segm"]["AP"] == pytest.approx(1.0)
     assert out["per_class"]["segm"] == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}
+    assert out["pr_curves"]["segm"]["IoU=0.75"] == pytest.approx([1.0] * 101)
 
 
 def test_known_imperfect_case():
@@ -52,6 +53,13 @@ def test_known_imperfect_case():
     assert out["bbox"]["AP"] == pytest.approx(51 / 101, abs=1e-6)
     assert out["segm"]["AP"] == pytest.approx(51 / 101, abs=1e-6)
     assert out["bbox"]["AP50"] == pytest.approx(51 / 101, abs=1e-6)
+    # The precision-recall curve (class "dog" has no ground truth here: left out of the mean):
+    # precision 1 up to recall 0.5, 0 beyond.
+    for kind in ("bbox", "segm"):
+        curve = out["pr_curves"][kind]["IoU=0.50"]
+        assert len(curve) == 101
+        assert curve[:51] == pytest.approx([1.0] * 51) and curve[51:] == [0.0] * 50
+    assert np.mean(out["pr_curves"]["bbox"]["IoU=0.50"]) == pytest.approx(out["bbox"]["AP50"])
 
 
 def test_results_json_round_trip(tmp_path):

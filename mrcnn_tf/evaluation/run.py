@@ -165,7 +165,9 @@ class CocoEvalCallback(keras.callbacks.Callback):
         from mrcnn_tf.training import validation_overlays
         from mrcnn_tf.visualize import draw_pr_curves
 
-        with self._writer.as_default(step=step):
+        # record_if(True): during fit, Keras' TensorBoard callback records only every
+        # train.log_every steps, and an evaluation at another step would be dropped silently.
+        with self._writer.as_default(step=step), tf.summary.record_if(True):
             for kind in ("bbox", "segm"):
                 for k, v in results[kind].items():
                     tf.summary.scalar(f"{kind}/{k}", v)

@@ -8,7 +8,8 @@
 
 --model_dir takes the run's config.json, labels.json and latest checkpoint. With --checkpoint the
 labels come from the config's eval source (the COCO annotation file, or the synthetic classes).
---input_type, --max_detections and --mask_output default to the config's export section.
+--input_type, --max_detections, --mask_output and --max_image_pixels default to the config's
+export section.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
     quiet()
-
 
     from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.config import ConfigError, load_config

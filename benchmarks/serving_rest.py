@@ -75,18 +75,16 @@ def _to_json(name: str, value: np.ndarray):
     return value.tolist()
 
 
-def predict(loaded, body: dict) -> dict:
-    """Runs one REST predict body on a loaded SavedModel; returns the response body."""
+def request_to_tensors(body: dict, signature) -> dict:
+    """The input tensors of one REST predict body, by TF Serving's rules: {"b64": ...} is base64
+    bytes; "instances" (row format) lists one value per example for a single-input signature
+    (or dicts of named inputs); "inputs" (columnar) gives the whole batch per input name, or the
+    batch itself for one input."""
     import tensorflow as tf
 
-    name = body.get("signature_name", "serving_default")
-    if name not in loaded.signatures:
-        raise ValueError(f"Serving signature name: \"{name}\" not found in signature def")
-    fn = loaded.signatures[name]
-    specs = fn.structured_input_signature[1]
+    specs = signature.structured_input_signature[1]
     names = list(specs)
-    row = "instances" in body
-    if row:
+    if "instances" in body:
         rows = [_decode_b64(r) for r in body["instances"]]
         columns = ({names[0]: rows} if len(names) == 1 and not (rows and isinstance(rows[0], dict))
                    else {n: [r[n] for r in rows] for n in names})
@@ -96,14 +94,20 @@ def predict(loaded, body: dict) -> dict:
                    else {names[0]: _decode_b64(inputs)})
     else:
         raise ValueError("Missing 'inputs' or 'instances' key")
-    args = {}
-    for n in names:
-        dtype = specs[n].dtype
-        args[n] = (tf.constant(columns[n], tf.string) if dtype == tf.string
-                   else tf.constant(np.asarray(columns[n], dtype.as_numpy_dtype)))
-    out = {k: v.numpy() for k, v in fn(**args).items()}
-    if row:
-        batch = len(rows)
+    return {n: tf.constant(columns[n], tf.string) if specs[n].dtype == tf.string
+            else tf.constant(np.asarray(columns[n], specs[n].dtype.as_numpy_dtype))
+            for n in names}
+
+
+def predict(loaded, body: dict) -> dict:
+    """Runs one REST predict body on a loaded SavedModel; returns the response body."""
+    name = body.get("signature_name", "serving_default")
+    if name not in loaded.signatures:
+        raise ValueError(f"Serving signature name: \"{name}\" not found in signature def")
+    fn = loaded.signatures[name]
+    out = {k: v.numpy() for k, v in fn(**request_to_tensors(body, fn)).items()}
+    if "instances" in body:
+        batch = len(body["instances"])
         return {"predictions": [{k: _to_json(k, np.array(v[i], dtype=v.dtype))
                                  for k, v in out.items()} for i in range(batch)]}
     return {"outputs": {k: _to_json(k, v) for k, v in out.items()}}

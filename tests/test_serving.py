@@ -1,4 +1,5 @@
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -286,32 +287,13 @@ def test_malformed_examples_get_their_reason_and_the_rest_is_served(served):
                      atol=0)
 
 
-def _tf_serving_request_to_tensors(body, signature):
-    """TF Serving's REST rules: {"b64": ...} is base64 bytes; "instances" (row format) lists one
-    value per example for a single-input signature (or dicts of named inputs); "inputs"
-    (columnar) gives the whole batch per input name, or the batch itself for one input."""
-    def decode(v):
-        if isinstance(v, dict) and set(v) == {"b64"}:
-            return base64.b64decode(v["b64"])
-        if isinstance(v, list):
-            return [decode(x) for x in v]
-        return v
-
-    specs = signature.structured_input_signature[1]
-    names = list(specs)
-    if "instances" in body:
-        rows = [decode(r) for r in body["instances"]]
-        if len(names) == 1 and not (rows and isinstance(rows[0], dict)):
-            columns = {names[0]: rows}
-        else:
-            columns = {n: [r[n] for r in rows] for n in names}
-    else:
-        inputs = body["inputs"]
-        columns = {n: decode(inputs[n]) for n in names} if isinstance(inputs, dict) else {
-            names[0]: decode(inputs)}
-    return {n: tf.constant(np.array(columns[n], dtype=specs[n].dtype.as_numpy_dtype)
-                           if specs[n].dtype != tf.string else columns[n], specs[n].dtype)
-            for n in names}
+def _rest():
+    """benchmarks/serving_rest.py: the one implementation here of TF Serving's REST rules."""
+    spec = importlib.util.spec_from_file_location("serving_rest",
+                                                  REPO / "benchmarks" / "serving_rest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_rest_request_bodies(exported):
@@ -322,11 +304,11 @@ def test_rest_request_bodies(exported):
     rows = {"signature_name": "image_bytes", "instances": [{"b64": b64}, {"b64": b64}]}
     columnar = {"signature_name": "image_bytes", "inputs": {"images": [{"b64": b64}]}}
     tensor_rows = {"signature_name": "image_tensor", "instances": [img.tolist()]}
-    outs = []
+    outs, rest = [], _rest()
     for body in (rows, columnar, tensor_rows):
         body = json.loads(json.dumps(body))  # exactly what travels over HTTP
         sig = loaded.signatures[body["signature_name"]]
-        outs.append(sig(**_tf_serving_request_to_tensors(body, sig)))
+        outs.append(sig(**rest.request_to_tensors(body, sig)))
     assert outs[0]["num_detections"].shape == (2,)
     np.testing.assert_allclose(outs[0]["detection_scores"][0], outs[1]["detection_scores"][0],
                                atol=1e-6)

@@ -106,6 +106,8 @@ class RPNConfig:
 
     conv_channels: int = opt(256, "3x3 conv width; references use 256, the user's notes 512",
                              min=1)
+    num_convs: int = opt(1, "3x3 conv + ReLU layers before the predictors: 1 (paper,"
+                         " torchvision v1, detectron2) or 2 (torchvision v2)", min=1)
     share_heads: bool = opt(True, "one head shared by all levels, as every reference does")
     dropout: float = opt(0.0, "dropout after the 3x3 conv (the user's notes); none in references",
                          min=0.0, max=1.0)

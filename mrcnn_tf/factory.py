@@ -44,7 +44,7 @@ def build_layers(m: ModelConfig) -> dict:
         "rpn_head": RPNHead(
             num_anchors=anchor_generator(m).num_anchors, conv_channels=rpn.conv_channels,
             share_heads=rpn.share_heads, dropout=rpn.dropout, objectness=rpn.objectness,
-            levels=fpn_levels, name="rpn_head"),
+            levels=fpn_levels, num_convs=rpn.num_convs, name="rpn_head"),
         "proposal_generator": ProposalGenerator(
             pre_nms_topk_train=rpn.pre_nms_topk_train, post_nms_topk_train=rpn.post_nms_topk_train,
             pre_nms_topk_test=rpn.pre_nms_topk_test, post_nms_topk_test=rpn.post_nms_topk_test,

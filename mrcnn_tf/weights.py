@@ -188,68 +188,104 @@ def resnet_mapping(backbone, prefix: str = "") -> list[tuple[str, object, object
     return entries
 
 
-def torchvision_mapping(model) -> list[tuple[str, object, object]]:
-    """(torchvision key, our variable, numpy transform) for every weight of ``model``."""
+_BN_NORMS = ("frozen_bn", "bn", "sync_bn")
+
+
+def torchvision_version(model) -> str:
+    """"v1" or "v2": which of torchvision's Mask R-CNNs ``model`` is built as, from its config
+    (``configs/torchvision_r50_fpn.yaml`` or ``configs/torchvision_r50_fpn_v2.yaml``); a
+    WeightsError naming every difference when it is neither."""
     bb, fpn, rpn = model.backbone, model.fpn, model.rpn_head
     bh, mh = model.box_head, model.mask_head
-    problems = []
+    common = []
     if bb.stride_in_1x1:
-        problems.append("model.backbone.stride_in_1x1 must be false (stride on the 3x3 conv)")
-    if bb.norm not in ("frozen_bn", "bn", "sync_bn"):
-        problems.append("model.backbone.norm must be frozen_bn (or bn)")
-    if fpn.norm != "none" or mh.norm != "none" or bh.norm != "none":
-        problems.append("fpn/box_head/mask_head norm must be none (v1 model)")
+        common.append("model.backbone.stride_in_1x1 must be false (stride on the 3x3 conv)")
+    if bb.norm not in _BN_NORMS:
+        common.append("model.backbone.norm must be frozen_bn (or bn)")
     if not rpn.share_heads or rpn.objectness != "sigmoid":
-        problems.append("model.rpn must share one head with sigmoid objectness")
+        common.append("model.rpn must share one head with sigmoid objectness")
     if rpn.conv_channels != fpn.channels:
-        problems.append("model.rpn.conv_channels must equal model.fpn.channels")
-    if bh.head_type != "2fc" or bh.class_agnostic or mh.class_agnostic:
-        problems.append("model.box_head must be type 2fc with per-class deltas and masks")
+        common.append("model.rpn.conv_channels must equal model.fpn.channels")
+    if bh.class_agnostic or mh.class_agnostic:
+        common.append("model.box_head and model.mask_head must be per class")
     if fpn.min_level != 2 or fpn.max_level != 6:
-        problems.append("model.fpn must have levels 2..6")
-    if problems:
-        raise WeightsError("the model is not torchvision's Mask R-CNN architecture: "
-                           + "; ".join(problems) + " (see configs/torchvision_r50_fpn.yaml)")
+        common.append("model.fpn must have levels 2..6")
+    v1 = ["fpn/box_head/mask_head norm must be none"] if (
+        fpn.norm != "none" or mh.norm != "none" or bh.norm != "none") else []
+    if bh.head_type != "2fc":
+        v1.append("model.box_head.type must be 2fc")
+    if rpn.num_convs != 1:
+        v1.append("model.rpn.num_convs must be 1")
+    v2 = []
+    if any(n not in _BN_NORMS for n in (fpn.norm, bh.norm, mh.norm)):
+        v2.append("model.fpn, model.box_head and model.mask_head norm must be bn")
+    if bh.head_type != "4conv1fc" or bh.num_convs != 4:
+        v2.append("model.box_head.type must be 4conv1fc")
+    if rpn.num_convs != 2:
+        v2.append("model.rpn.num_convs must be 2")
+    if not common and not v1:
+        return "v1"
+    if not common and not v2:
+        return "v2"
+    raise WeightsError(
+        "the model is not torchvision's Mask R-CNN architecture: "
+        + "; ".join(common + (v1 if len(v1) <= len(v2) else v2))
+        + " (see configs/torchvision_r50_fpn.yaml and configs/torchvision_r50_fpn_v2.yaml)")
+
+
+def _conv_norm(prefix, conv, norm):
+    """A torchvision Conv2dNormActivation: ``prefix.0`` the bias-free conv, ``prefix.1`` its BN."""
+    return [(f"{prefix}.0.weight", conv.kernel, _conv)] + _norm_entries(f"{prefix}.1", norm)
+
+
+def _conv_bias(prefix, conv, convert_kernel=_conv, convert_bias=_identity):
+    return [(f"{prefix}.weight", conv.kernel, convert_kernel),
+            (f"{prefix}.bias", conv.bias, convert_bias)]
+
+
+def torchvision_mapping(model) -> list[tuple[str, object, object]]:
+    """(torchvision key, our variable, numpy transform) for every weight of ``model``, a v1
+    (``maskrcnn_resnet50_fpn``) or v2 (``maskrcnn_resnet50_fpn_v2``) model.
+
+    v2 differs from v1 in its keys only where its layers differ: BN after every FPN conv
+    (``fpn.inner_blocks.i.{0,1}``), two RPN convs (``rpn.head.conv.{0,1}.0``), a 4conv1fc box
+    head (``box_head.{0..3}.{0,1}``, then ``box_head.5``, its fc, after a Flatten) and BN in the
+    mask head (``mask_head.i.{0,1}``)."""
+    version = torchvision_version(model)
     entries = resnet_mapping(model.backbone, "backbone.body.")
     fpn = model.fpn
     for i in range(len(fpn.lateral)):
-        for torch_name, layer in (("inner_blocks", fpn.lateral[i]),
-                                  ("layer_blocks", fpn.output_convs[i])):
-            entries.append((f"backbone.fpn.{torch_name}.{i}.0.weight", layer.kernel, _conv))
-            entries.append((f"backbone.fpn.{torch_name}.{i}.0.bias", layer.bias, _identity))
+        for torch_name, layer, norm in (
+                ("inner_blocks", fpn.lateral[i], fpn.lateral_norms[i]),
+                ("layer_blocks", fpn.output_convs[i], fpn.output_norms[i])):
+            prefix = f"backbone.fpn.{torch_name}.{i}"
+            entries += (_conv_norm(prefix, layer, norm) if version == "v2"
+                        else _conv_bias(f"{prefix}.0", layer))
     rpn = model.rpn_head
-    entries += [
-        ("rpn.head.conv.0.0.weight", rpn.convs[0].kernel, _conv),
-        ("rpn.head.conv.0.0.bias", rpn.convs[0].bias, _identity),
-        ("rpn.head.cls_logits.weight", rpn.cls_convs[0].kernel, _conv),
-        ("rpn.head.cls_logits.bias", rpn.cls_convs[0].bias, _identity),
-        ("rpn.head.bbox_pred.weight", rpn.box_convs[0].kernel,
-         lambda w: _conv(_deltas_first_axis(w))),
-        ("rpn.head.bbox_pred.bias", rpn.box_convs[0].bias, _deltas_first_axis),
-    ]
+    for k, conv in enumerate(rpn.convs):
+        entries += _conv_bias(f"rpn.head.conv.{k}.0", conv)
+    entries += _conv_bias("rpn.head.cls_logits", rpn.cls_convs[0])
+    entries += _conv_bias("rpn.head.bbox_pred", rpn.box_convs[0],
+                          lambda w: _conv(_deltas_first_axis(w)), _deltas_first_axis)
     bh = model.box_head
-    entries += [
-        ("roi_heads.box_head.fc6.weight", bh.fcs[0].kernel,
-         _fc6(model.box_roi_align.output_size)),
-        ("roi_heads.box_head.fc6.bias", bh.fcs[0].bias, _identity),
-        ("roi_heads.box_head.fc7.weight", bh.fcs[1].kernel, _linear),
-        ("roi_heads.box_head.fc7.bias", bh.fcs[1].bias, _identity),
-        ("roi_heads.box_predictor.cls_score.weight", bh.class_logits.kernel, _linear),
-        ("roi_heads.box_predictor.cls_score.bias", bh.class_logits.bias, _identity),
-        ("roi_heads.box_predictor.bbox_pred.weight", bh.box_deltas.kernel,
-         lambda w: _linear(_deltas_first_axis(w))),
-        ("roi_heads.box_predictor.bbox_pred.bias", bh.box_deltas.bias, _deltas_first_axis),
-    ]
+    size = model.box_roi_align.output_size
+    if version == "v2":
+        for k, (conv, norm) in enumerate(zip(bh.convs, bh.conv_norms)):
+            entries += _conv_norm(f"roi_heads.box_head.{k}", conv, norm)
+        fc = len(bh.convs) + 1  # after the Flatten
+        entries += _conv_bias(f"roi_heads.box_head.{fc}", bh.fcs[0], _fc6(size))
+    else:
+        entries += _conv_bias("roi_heads.box_head.fc6", bh.fcs[0], _fc6(size))
+        entries += _conv_bias("roi_heads.box_head.fc7", bh.fcs[1], _linear)
+    entries += _conv_bias("roi_heads.box_predictor.cls_score", bh.class_logits, _linear)
+    entries += _conv_bias("roi_heads.box_predictor.bbox_pred", bh.box_deltas,
+                          lambda w: _linear(_deltas_first_axis(w)), _deltas_first_axis)
     mh = model.mask_head
-    for i, conv in enumerate(mh.convs):
-        entries.append((f"roi_heads.mask_head.{i}.0.weight", conv.kernel, _conv))
-        entries.append((f"roi_heads.mask_head.{i}.0.bias", conv.bias, _identity))
-    entries += [
-        ("roi_heads.mask_predictor.conv5_mask.weight", mh.deconv.kernel, _conv),
-        ("roi_heads.mask_predictor.conv5_mask.bias", mh.deconv.bias, _identity),
-        ("roi_heads.mask_predictor.mask_fcn_logits.weight", mh.predictor.kernel, _conv),
-        ("roi_heads.mask_predictor.mask_fcn_logits.bias", mh.predictor.bias, _identity),
-    ]
+    for i, (conv, norm) in enumerate(zip(mh.convs, mh.norms)):
+        entries += (_conv_norm(f"roi_heads.mask_head.{i}", conv, norm) if version == "v2"
+                    else _conv_bias(f"roi_heads.mask_head.{i}.0", conv))
+    entries += _conv_bias("roi_heads.mask_predictor.conv5_mask", mh.deconv)
+    entries += _conv_bias("roi_heads.mask_predictor.mask_fcn_logits", mh.predictor)
     return entries
 
 
@@ -283,6 +319,20 @@ def _assign_all(entries, state: dict, what: str, ignored=lambda key: False, hint
     return len(values)
 
 
+def family_of(state: dict) -> str:
+    """``torchvision`` (v1) or ``torchvision_v2``, from a state dict's keys; a WeightsError
+    naming the keys looked for when it is neither."""
+    if "roi_heads.box_head.fc6.weight" in state:
+        return "torchvision"
+    if "roi_heads.box_head.0.0.weight" in state and "rpn.head.conv.1.0.weight" in state:
+        return "torchvision_v2"
+    sample = ", ".join(sorted(state)[:5])
+    raise WeightsError(
+        "not a checkpoint of a known Mask R-CNN family: torchvision v1 has "
+        "roi_heads.box_head.fc6.weight, v2 has roi_heads.box_head.0.0.weight and "
+        f"rpn.head.conv.1.0.weight; this one has {len(state)} keys ({sample}, ...)")
+
+
 def load_torchvision(model, state_dict_or_path) -> int:
     """Copies torchvision ``maskrcnn_resnet50_fpn`` weights into a built ``model``.
 
@@ -292,8 +342,23 @@ def load_torchvision(model, state_dict_or_path) -> int:
     and then call ``mrcnn_tf.with_num_classes``.
     """
     state = read_state_dict(state_dict_or_path)
+    entries = torchvision_mapping(model)
+    version = torchvision_version(model)
+    try:
+        found = family_of(state)
+    except WeightsError:
+        found = None  # neither family: the key lists below say what differs
+    if found is not None and found != {"v1": "torchvision", "v2": "torchvision_v2"}[version]:
+        key = ("roi_heads.box_head.fc6.weight" if found == "torchvision"
+               else "roi_heads.box_head.0.0.weight")
+        config = "torchvision_r50_fpn.yaml" if found == "torchvision" else (
+            "torchvision_r50_fpn_v2.yaml")
+        raise WeightsError(f"the state dict is torchvision {'v1' if version == 'v2' else 'v2'} "
+                           f"(it has {key}) but the model is {version}: build it from "
+                           f"configs/{config}, or convert with python -m mrcnn_tf.tools.convert, "
+                           "which picks the config")
     return _assign_all(
-        torchvision_mapping(model), state, "torchvision weights",
+        entries, state, "torchvision weights",
         ignored=lambda k: k.endswith("num_batches_tracked"),
         hint=lambda k: (" (torchvision's COCO head has 91 logits: model.num_classes=90)"
                         if "predictor" in k else ""))

@@ -1,7 +1,8 @@
 """torchvision weight conversion: parity with torchvision's own outputs, and clear errors.
 
-The reference (tests/fixtures/torchvision_maskrcnn_small.npz) was written by
-``tests/scripts/torchvision_parity.py reference --small`` in a torch venv: a reduced-width
+The references (tests/fixtures/torchvision_maskrcnn_small.npz for v1,
+torchvision_v2_maskrcnn_small.npz for v2) were written by
+``tests/scripts/torchvision_parity.py reference --small [--v2]`` in a torch venv: a reduced-width
 torchvision Mask R-CNN with seeded random weights, its state dict and each stage's outputs on a
 real COCO image. These tests need no torch.
 """
@@ -28,12 +29,22 @@ from tests.conftest import REPO
 from tests.scripts import torchvision_parity as tp
 
 FIXTURE = REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz"
+FIXTURES = {"v1": FIXTURE, "v2": tp.SMALL_FIXTURE_V2}
+
+
+def _state(version):
+    with np.load(FIXTURES[version]) as f:
+        return {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
 
 
 @pytest.fixture(scope="module")
 def state():
-    with np.load(FIXTURE) as f:
-        return {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+    return _state("v1")
+
+
+@pytest.fixture(scope="module")
+def state_v2():
+    return _state("v2")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +60,9 @@ def small_model():
     return build_model(tp.our_config(small=True))
 
 
-def test_small_model_equals_torchvision_stage_by_stage():
-    r = tp.check(str(FIXTURE))
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_small_model_equals_torchvision_stage_by_stage(version):
+    r = tp.check(str(FIXTURES[version]))
     print(json.dumps(r, indent=1))
     assert r["resized_size_equal"] and r["input_max_abs_diff"] < 1e-4
     for lv in range(2, 6):
@@ -64,7 +76,7 @@ def test_small_model_equals_torchvision_stage_by_stage():
     assert r["detections"] == [100, 100]
     assert r["detections_matched"] == 1.0
     assert r["det_score_max_abs_diff"] <= 1e-4
-    assert r["mask_iou_min"] >= 0.99
+    assert r["mask_iou_min"] >= 0.99 and r["mask_pixels_differing_not_ties"] == 0
     assert tp.passes(r)
 
 
@@ -126,6 +138,54 @@ def test_other_architectures_are_refused_with_the_reason(state):
         load_torchvision(build_model(cfg), state)
 
 
+def test_a_state_dict_of_the_other_family_is_refused_with_the_keys_named(state, state_v2):
+    v2_model = build_model(tp.our_config(small=True, v2=True))
+    before = [v.numpy().copy() for v in v2_model.weights]
+    with pytest.raises(WeightsError, match=r"the state dict is torchvision v1 \(it has "
+                       r"roi_heads\.box_head\.fc6\.weight\) but the model is v2.*"
+                       r"torchvision_r50_fpn\.yaml"):
+        load_torchvision(v2_model, state)
+    for a, b in zip(before, v2_model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    with pytest.raises(WeightsError, match=r"is torchvision v2 \(it has roi_heads\.box_head\.0\.0"
+                       r"\.weight\) but the model is v1.*torchvision_r50_fpn_v2\.yaml"):
+        load_torchvision(build_model(tp.our_config(small=True)), state_v2)
+    # Keys of neither family (here v2 without its fc) are listed key by key.
+    partial = {k: v for k, v in state_v2.items() if not k.startswith("roi_heads.box_head.")}
+    with pytest.raises(WeightsError, match=r"missing from the state dict: .*box_head\.0\.0\."):
+        load_torchvision(v2_model, partial)
+
+
+def test_v2_with_a_v1_head_is_named_as_neither_family(state_v2):
+    cfg = tp.our_config(small=True, v2=True)
+    cfg = _with(cfg, rpn=dataclasses.replace(cfg.model.rpn, num_convs=3))
+    with pytest.raises(WeightsError, match="model.rpn.num_convs must be 2"):
+        load_torchvision(build_model(cfg), state_v2)
+
+
+def test_convert_finds_the_family_and_the_architecture_from_the_keys(state, state_v2):
+    from mrcnn_tf.tools.convert import inspect
+
+    v1, v2 = inspect(state), inspect(state_v2)
+    assert (v1.family, v1.config) == ("torchvision", "torchvision_r50_fpn.yaml")
+    assert (v2.family, v2.config) == ("torchvision_v2", "torchvision_r50_fpn_v2.yaml")
+    for found in (v1, v2):  # the small fixtures' widths, read from the shapes
+        assert {"model.backbone.name=resnet_small", "model.num_classes=90",
+                "model.fpn.channels=64", "model.box_head.fc_dim=64"} <= set(found.overrides)
+    assert "model.box_head.conv_dim=64" in v2.overrides
+    with pytest.raises(WeightsError, match="--from torchvision: the checkpoint is torchvision "
+                       "maskrcnn_resnet50_fpn_v2"):
+        inspect(state_v2, "torchvision")
+    with pytest.raises(WeightsError, match="not a checkpoint of a known Mask R-CNN family.*"
+                       "conv1.weight"):
+        inspect({"conv1.weight": np.zeros((64, 3, 7, 7)), "fc.weight": np.zeros((10, 4))})
+    deeper = {k: v for k, v in state.items()}
+    deeper.update({k.replace("layer3.0.", "layer3.1."): v for k, v in state.items()
+                   if "layer3.0." in k})
+    with pytest.raises(WeightsError, match=r"\(1, 1, 2, 1\) blocks per stage"):
+        inspect(deeper)
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_state_dict(tmp_path / "nope.pth")
@@ -141,9 +201,15 @@ def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, 
 
     out = tmp_path / "run"
     overrides = tp.parity_overrides(small=True)
-    subprocess.run([sys.executable, "-m", "mrcnn_tf.tools.convert_torchvision", "--checkpoint",
-                    str(state_npz), "--output", str(out), "--set", *overrides],
-                   check=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "mrcnn_tf.tools.convert", "--checkpoint",
+                           str(state_npz), "--output", str(out), "--set", *overrides],
+                          check=True, cwd=REPO, capture_output=True, text=True)
+    assert "found torchvision maskrcnn_resnet50_fpn (v1), resnet_small, 90 classes" in done.stdout
+    wrong = subprocess.run([sys.executable, "-m", "mrcnn_tf.tools.convert", "--checkpoint",
+                            str(state_npz), "--output", str(tmp_path / "no"), "--from",
+                            "torchvision_v2"], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "the checkpoint is torchvision maskrcnn_resnet50_fpn (v1)" \
+        in wrong.stderr and not (tmp_path / "no").exists()
     labels = json.loads((out / "labels.json").read_text())
     assert len(labels) == 90 and labels[0] == {"class": 1, "id": 1, "name": "person"}
     assert labels[11]["name"] == "N/A" and labels[89]["name"] == "toothbrush"
@@ -184,19 +250,24 @@ def test_converted_run_evaluates_in_torchvision_label_space(state_npz, tmp_path,
     assert 0.0 <= results["bbox"]["AP"] <= 1.0
 
 
-def test_exported_converted_model_serves_torchvision_detections(state_npz, tmp_path):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_exported_converted_model_serves_torchvision_detections(version, tmp_path):
     """convert -> export -> load the SavedModel: the served detections and full-size masks are
-    torchvision's (the README's path to TF Serving)."""
+    torchvision's (the README's path to TF Serving), for each family."""
     import tensorflow as tf
 
-    from mrcnn_tf.tools.convert_torchvision import convert
+    from mrcnn_tf.tools.convert import convert
 
     run = tmp_path / "run"
-    convert(str(state_npz), str(run), None, tp.parity_overrides(small=True))
+    path = tmp_path / "state.npz"
+    np.savez(path, **_state(version))
+    convert(str(path), str(run), None, tp.parity_overrides(small=True))
+    assert json.loads((run / "config.json").read_text())["model"]["rpn"]["num_convs"] == (
+        2 if version == "v2" else 1)
     subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run),
                     "--output", str(tmp_path / "export"), "--input_type", "image_tensor"],
                    check=True, cwd=REPO)
-    with np.load(FIXTURE) as f:
+    with np.load(FIXTURES[version]) as f:
         image, ref_masks = f["image"], f["det_masks"]
         ref_scores, ref_classes = f["det_scores"], f["det_classes"]
     served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["image_tensor"]

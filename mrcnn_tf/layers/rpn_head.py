@@ -8,7 +8,8 @@ import tensorflow as tf
 
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class RPNHead(keras.layers.Layer):
-    """3x3 conv + ReLU (+ dropout), then 1x1 objectness and 1x1 box-delta convs, per level.
+    """``num_convs`` x (3x3 conv + ReLU) (+ dropout), then 1x1 objectness and 1x1 box-delta convs,
+    per level. One conv in torchvision v1 and detectron2, two in torchvision v2 (conv_depth=2).
 
     Input: {"p2": [B, H2, W2, C], ..., "p6": ...}.
     Output: {"objectness": list over levels of [B, H_l * W_l * A] logits (sigmoid) or
@@ -22,11 +23,16 @@ class RPNHead(keras.layers.Layer):
       share_heads: one set of weights for every level (every reference) or one per level.
       objectness: "sigmoid" (A logits) or "softmax" (2A logits, the user's notes).
       levels: the FPN levels, e.g. (2, 3, 4, 5, 6).
+      num_convs: 3x3 convs before the predictors.
+
+    ``convs`` is flat: head h's k-th conv is ``convs[h * num_convs + k]`` (checkpoints do not
+    follow nested lists). The first conv of a head keeps the name ``conv``, so one-conv
+    checkpoints are unchanged.
     """
 
     def __init__(self, num_anchors: int = 3, conv_channels: int = 256, share_heads: bool = True,
                  dropout: float = 0.0, objectness: str = "sigmoid", levels=(2, 3, 4, 5, 6),
-                 **kwargs):
+                 num_convs: int = 1, **kwargs):
         super().__init__(**kwargs)
         if objectness not in ("sigmoid", "softmax"):
             raise ValueError(f"RPNHead: objectness must be 'sigmoid' or 'softmax', got "
@@ -34,15 +40,19 @@ class RPNHead(keras.layers.Layer):
         self.num_anchors, self.conv_channels = int(num_anchors), int(conv_channels)
         self.share_heads, self.dropout_rate = bool(share_heads), float(dropout)
         self.objectness, self.levels = objectness, tuple(int(v) for v in levels)
+        if int(num_convs) < 1:
+            raise ValueError(f"RPNHead: num_convs must be >= 1, got {num_convs}")
+        self.num_convs = int(num_convs)
         init = keras.initializers.RandomNormal(stddev=0.01)  # torchvision / detectron2
         cls_out = self.num_anchors * (2 if objectness == "softmax" else 1)
         n_heads = 1 if self.share_heads else len(self.levels)
         self.convs, self.cls_convs, self.box_convs = [], [], []
         for i in range(n_heads):
             sfx = "" if self.share_heads else f"_p{self.levels[i]}"
-            self.convs.append(keras.layers.Conv2D(conv_channels, 3, padding="same",
-                                                  activation="relu", kernel_initializer=init,
-                                                  name=f"conv{sfx}"))
+            for k in range(self.num_convs):
+                self.convs.append(keras.layers.Conv2D(
+                    conv_channels, 3, padding="same", activation="relu", kernel_initializer=init,
+                    name=f"conv{k + 1 if k else ''}{sfx}"))
             self.cls_convs.append(keras.layers.Conv2D(cls_out, 1, kernel_initializer=init,
                                                       name=f"objectness{sfx}"))
             self.box_convs.append(keras.layers.Conv2D(4 * self.num_anchors, 1,
@@ -53,8 +63,11 @@ class RPNHead(keras.layers.Layer):
     def build(self, input_shape):
         # Explicit sub-layer builds give every variable a unique name (see Bottleneck.build).
         for i, conv in enumerate(self.convs):
-            level = self.levels[i] if not self.share_heads else self.levels[0]
-            conv.build((None, None, None, int(input_shape[f"p{level}"][-1])))
+            h, k = divmod(i, self.num_convs)
+            level = self.levels[h] if not self.share_heads else self.levels[0]
+            channels = int(input_shape[f"p{level}"][-1]) if k == 0 else self.conv_channels
+            conv.build((None, None, None, channels))
+        for i in range(len(self.cls_convs)):
             self.cls_convs[i].build((None, None, None, self.conv_channels))
             self.box_convs[i].build((None, None, None, self.conv_channels))
 
@@ -62,7 +75,9 @@ class RPNHead(keras.layers.Layer):
         objectness, deltas = [], []
         for i, lv in enumerate(self.levels):
             h = 0 if self.share_heads else i
-            x = self.convs[h](features[f"p{lv}"])
+            x = features[f"p{lv}"]
+            for conv in self.convs[h * self.num_convs: (h + 1) * self.num_convs]:
+                x = conv(x)
             if self.dropout is not None:
                 x = self.dropout(x, training=training)
             logits = self.cls_convs[h](x)
@@ -88,4 +103,4 @@ class RPNHead(keras.layers.Layer):
         return {**super().get_config(), "num_anchors": self.num_anchors,
                 "conv_channels": self.conv_channels, "share_heads": self.share_heads,
                 "dropout": self.dropout_rate, "objectness": self.objectness,
-                "levels": list(self.levels)}
+                "levels": list(self.levels), "num_convs": self.num_convs}

@@ -1,4 +1,5 @@
-"""Parity of our MaskRCNN with torchvision's maskrcnn_resnet50_fpn after weight conversion.
+"""Parity of our MaskRCNN with torchvision's maskrcnn_resnet50_fpn (v1) or
+maskrcnn_resnet50_fpn_v2 (``--v2``) after weight conversion.
 
 Two halves, because torch and TensorFlow live in different virtual environments:
 
@@ -9,10 +10,11 @@ Two halves, because torch and TensorFlow live in different virtual environments:
 
 ``--small`` builds a reduced-width model (the resnet_small widths, FPN 64, fc 64, short side 200)
 from torchvision's own building blocks; its reference is committed as
-tests/fixtures/torchvision_maskrcnn_small.npz and checked by the default test suite without torch.
-The full-size check is one command (torch in its own venv, see benchmarks/README.md)::
+tests/fixtures/torchvision_maskrcnn_small.npz (v1) and torchvision_v2_maskrcnn_small.npz (v2) and
+checked by the default test suite without torch. The full-size check is one command (torch in its
+own venv, see benchmarks/README.md)::
 
-    python tests/scripts/torchvision_parity.py --torch_python /path/to/torchvenv/bin/python
+    python tests/scripts/torchvision_parity.py [--v2] --torch_python /path/to/torchvenv/bin/python
 
 Random weights give near-uniform scores, so the reference widens them (seeded) to make rankings
 well separated, and uses score thresholds of 0 on both sides so that detections exist.
@@ -31,6 +33,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL_FIXTURE = REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz"
+SMALL_FIXTURE_V2 = REPO / "tests" / "fixtures" / "torchvision_v2_maskrcnn_small.npz"
+CONFIGS = {False: REPO / "configs" / "torchvision_r50_fpn.yaml",
+           True: REPO / "configs" / "torchvision_r50_fpn_v2.yaml"}
 DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "coco_tiny16" / "train2017" / "000000060623.jpg"
 
 SMALL = dict(stem=16, widths=(16, 32, 64, 128), fpn=64, fc=64, mask=64, min_size=200,
@@ -41,18 +46,26 @@ BOX_ROWS = 256
 
 # -- the torch half -----------------------------------------------------------------------------
 
-def _torch_model(small: bool):
+def _torch_model(small: bool, v2: bool = False):
     from torch import nn
     from torchvision.models import resnet50
-    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
     from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.faster_rcnn import (
+        FastRCNNConvFCHead,
+        FastRCNNPredictor,
+        TwoMLPHead,
+    )
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
     from torchvision.models.resnet import Bottleneck
     from torchvision.ops import FrozenBatchNorm2d
 
     common = dict(box_score_thresh=0.0)
+    if not small and v2:
+        # BatchNorm2d everywhere (v2 never freezes its norms); eval mode uses the statistics.
+        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91,
+                                        **FULL, **common)
     if not small:
         # maskrcnn_resnet50_fpn(weights=COCO) builds exactly this (FrozenBatchNorm2d, 3 layers
         # trainable); weights=None would switch to BatchNorm2d.
@@ -60,27 +73,37 @@ def _torch_model(small: bool):
         return MaskRCNN(backbone, num_classes=91, **FULL, **common)
 
     s = SMALL
+    norm = nn.BatchNorm2d if v2 else FrozenBatchNorm2d
 
     class SmallResNet(nn.Module):  # torchvision's ResNet layout and names, narrower
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(3, s["stem"], 7, 2, 3, bias=False)
-            self.bn1 = FrozenBatchNorm2d(s["stem"])
+            self.bn1 = norm(s["stem"])
             self.relu = nn.ReLU(inplace=True)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
             cin = s["stem"]
             for i, w in enumerate(s["widths"]):
                 stride = 1 if i == 0 else 2
                 down = nn.Sequential(nn.Conv2d(cin, w * 4, 1, stride, bias=False),
-                                     FrozenBatchNorm2d(w * 4))
+                                     norm(w * 4))
                 setattr(self, f"layer{i + 1}", nn.Sequential(
-                    Bottleneck(cin, w, stride, down, norm_layer=FrozenBatchNorm2d)))
+                    Bottleneck(cin, w, stride, down, norm_layer=norm)))
                 cin = w * 4
 
     body = SmallResNet()
     backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)},
-                               [w * 4 for w in s["widths"]], s["fpn"])
+                               [w * 4 for w in s["widths"]], s["fpn"],
+                               norm_layer=nn.BatchNorm2d if v2 else None)
     f = s["fpn"]
+    if v2:  # maskrcnn_resnet50_fpn_v2's heads, narrower
+        return MaskRCNN(
+            backbone, num_classes=None, min_size=s["min_size"], max_size=s["max_size"],
+            rpn_head=RPNHead(f, 3, conv_depth=2),
+            box_head=FastRCNNConvFCHead((f, 7, 7), [f] * 4, [s["fc"]], norm_layer=nn.BatchNorm2d),
+            box_predictor=FastRCNNPredictor(s["fc"], 91),
+            mask_head=MaskRCNNHeads(f, [f] * 4, 1, norm_layer=nn.BatchNorm2d),
+            mask_predictor=MaskRCNNPredictor(f, f, 91), **common)
     return MaskRCNN(
         backbone, num_classes=None, min_size=s["min_size"], max_size=s["max_size"],
         rpn_head=RPNHead(f, 3), box_head=TwoMLPHead(f * 49, s["fc"]),
@@ -94,13 +117,16 @@ def _randomise(model, seed: int):
     weights elsewhere, so that objectness and class logits spread over a few units (torchvision's
     own init gives near-equal scores whose ranking float rounding decides)."""
     import torch
+    from torchvision.ops import FrozenBatchNorm2d
 
+    norms = {name for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if name.endswith("num_batches_tracked"):
                 continue
-            if ".bn" in name or "downsample.1" in name:
+            if name.rsplit(".", 1)[0] in norms:
                 if name.endswith("running_var"):
                     t.copy_(torch.empty(t.shape).uniform_(0.5, 2.0, generator=gen))
                 elif name.endswith("running_mean") or name.endswith("bias"):
@@ -151,13 +177,14 @@ def _calibrate(model, x, passes: int = 3):
                 modules[name].bias.mul_(factor)
 
 
-def reference(out_path: str, small: bool, image_path: str, seed: int = 0) -> None:
+def reference(out_path: str, small: bool, image_path: str, seed: int = 0,
+              v2: bool = False) -> None:
     import torch
     import torchvision
     from torchvision.io import ImageReadMode, read_image
 
     torch.manual_seed(seed)
-    model = _torch_model(small).eval()
+    model = _torch_model(small, v2).eval()
     _randomise(model, seed)
     image = read_image(image_path, ImageReadMode.RGB)  # uint8 [3, H, W]
     if small:  # a centre crop keeps the committed fixture small
@@ -166,7 +193,8 @@ def reference(out_path: str, small: bool, image_path: str, seed: int = 0) -> Non
         image = image[:, top: top + ch, left: left + cw].contiguous()
     x = image.float() / 255.0
     _calibrate(model, x)
-    out = {"meta": np.array(json.dumps({"small": small, "seed": seed, "image": image_path,
+    out = {"meta": np.array(json.dumps({"small": small, "v2": v2, "seed": seed,
+                                        "image": image_path,
                                         "torchvision": torchvision.__version__}))}
     out["image"] = image.permute(1, 2, 0).numpy()
 
@@ -210,9 +238,10 @@ def reference(out_path: str, small: bool, image_path: str, seed: int = 0) -> Non
 # -- the TensorFlow half ------------------------------------------------------------------------
 
 def small_overrides() -> list[str]:
-    """Config overrides that turn configs/torchvision_r50_fpn.yaml into the small model."""
+    """Config overrides that turn configs/torchvision_r50_fpn[_v2].yaml into the small model."""
     s = SMALL
     return ["model.backbone.name=resnet_small", f"model.fpn.channels={s['fpn']}",
+            f"model.box_head.conv_dim={s['fpn']}",
             f"model.rpn.conv_channels={s['fpn']}", f"model.box_head.fc_dim={s['fc']}",
             f"model.mask_head.conv_dim={s['mask']}", f"model.preprocess.short_size={s['min_size']}",
             f"model.preprocess.long_size={s['max_size']}",
@@ -225,10 +254,10 @@ def parity_overrides(small: bool) -> list[str]:
     return ["model.detection.score_threshold=0.0"] + (small_overrides() if small else [])
 
 
-def our_config(small: bool):
+def our_config(small: bool, v2: bool = False):
     from mrcnn_tf.config import load_config
 
-    return load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", parity_overrides(small))
+    return load_config(CONFIGS[v2], parity_overrides(small))
 
 
 def _match(ref_boxes, boxes, tol):
@@ -250,7 +279,7 @@ def check(ref_path: str) -> dict:
 
     ref = dict(np.load(ref_path))
     meta = json.loads(str(ref["meta"]))
-    config = our_config(meta["small"])
+    config = our_config(meta["small"], meta.get("v2", False))
     model = build_model(config)
     state = {k[3:]: v for k, v in ref.items() if k.startswith("sd/")}
     n_loaded = load_torchvision(model, state)
@@ -294,8 +323,9 @@ def check(ref_path: str) -> dict:
     scores = det["detection_scores"].numpy()[0, :n]
     classes = det["detection_classes"].numpy()[0, :n]
     h, w = ref["image"].shape[:2]
-    masks = paste_masks(det["detection_masks"][0, :n], boxes, h, w,
-                        method=config.model.detection.mask_paste).numpy().astype(bool)
+    probs = paste_masks(det["detection_masks"][0, :n], boxes, h, w, threshold=None,
+                        method=config.model.detection.mask_paste).numpy()
+    masks = probs >= 0.5
     r["detections"] = [int(len(ref["det_scores"])), n]
     ok, idx = _match(ref["det_boxes"], boxes, 1e-2)
     same_class = ok & (classes[idx] == ref["det_classes"])
@@ -304,11 +334,18 @@ def check(ref_path: str) -> dict:
                                              - ref["det_boxes"][same_class]).max())
     r["det_score_max_abs_diff"] = float(np.abs(scores[idx[same_class]]
                                                - ref["det_scores"][same_class]).max())
-    ious = []
+    ious, differing, ties = [], 0, 0
     for j in np.nonzero(same_class)[0]:
         a, b = masks[idx[j]], ref["det_masks"][j]
         union = (a | b).sum()
         ious.append(1.0 if union == 0 else (a & b).sum() / union)
+        flipped = a ^ b
+        differing += int(flipped.sum())
+        # A pixel whose probability is within 1e-5 of the threshold is a rounding tie: float
+        # differences of that size (the logits' tolerance) decide its side in either framework.
+        ties += int((np.abs(probs[idx[j]][flipped] - 0.5) <= 1e-5).sum())
+    r["mask_pixels_differing"] = differing
+    r["mask_pixels_differing_not_ties"] = differing - ties
     r["mask_iou_min"] = float(min(ious))
     r["mask_iou_mean"] = float(np.mean(ious))
     return r
@@ -318,6 +355,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", choices=("reference", "check", "both"), default="both")
     p.add_argument("--small", action="store_true", help="the reduced-width model")
+    p.add_argument("--v2", action="store_true", help="maskrcnn_resnet50_fpn_v2 instead of v1")
     p.add_argument("--reference", help="reference .npz (written by 'reference', read by "
                    "'check'); default: the committed small fixture or /tmp for the full model")
     p.add_argument("--image", default=str(DEFAULT_IMAGE))
@@ -325,15 +363,16 @@ def main(argv=None) -> int:
     p.add_argument("--torch_python", default=sys.executable,
                    help="interpreter with torch and torchvision for the reference half")
     args = p.parse_args(argv)
-    path = args.reference or (str(SMALL_FIXTURE) if args.small
-                              else "/tmp/torchvision_maskrcnn_full.npz")
+    path = args.reference or (str(SMALL_FIXTURE_V2 if args.v2 else SMALL_FIXTURE) if args.small
+                              else f"/tmp/torchvision{'_v2' if args.v2 else ''}_maskrcnn_full.npz")
     if args.mode in ("reference", "both"):
         if args.mode == "both":
             cmd = [args.torch_python, __file__, "reference", "--reference", path, "--image",
-                   args.image, "--seed", str(args.seed)] + (["--small"] if args.small else [])
+                   args.image, "--seed", str(args.seed)] + (["--small"] if args.small else []) + (
+                       ["--v2"] if args.v2 else [])
             subprocess.run(cmd, check=True)
         else:
-            reference(path, args.small, args.image, args.seed)
+            reference(path, args.small, args.image, args.seed, args.v2)
     if args.mode in ("check", "both"):
         result = check(path)
         print(json.dumps(result, indent=1))
@@ -351,7 +390,8 @@ def passes(r: dict) -> bool:
               r["box_deltas_max_abs_diff"] <= 1e-4 * max(1.0, r["class_logits_scale"]),
               r["detections"][0] == r["detections"][1],
               r["detections_matched"] >= 0.99,
-              r["mask_iou_min"] >= 0.99]
+              r["mask_iou_min"] >= 0.99,
+              r["mask_pixels_differing_not_ties"] == 0]
     return all(checks)
 
 

@@ -23,7 +23,6 @@ import dataclasses
 import os
 import sys
 
-
 FAMILIES = {
     "torchvision": ("torchvision maskrcnn_resnet50_fpn (v1)", "torchvision_r50_fpn.yaml"),
     "torchvision_v2": ("torchvision maskrcnn_resnet50_fpn_v2", "torchvision_r50_fpn_v2.yaml"),

@@ -158,10 +158,11 @@ class RoIAlignConfig:
 
     box_output_size: int = opt(7, "box-head RoI size; references 7, the user's notes 14", min=1)
     mask_output_size: int = opt(14, "mask-head RoI size (all references and the notes)", min=1)
-    sampling_ratio: int = opt(2, "bilinear samples per bin side (2 = the notes' 4 per bin)",
-                              min=1)
+    sampling_ratio: int = opt(2, "bilinear samples per bin side (2 = the notes' 4 per bin); 0 ="
+                              " adaptive, ceil(RoI size / output size) per RoI (detectron2's"
+                              " model zoo)", min=0)
     level_sampling_ratios: tuple[int, ...] | None = opt(None, "optional sampling ratio per level"
-                                                        " P2..P5, overriding sampling_ratio", min=1)
+                                                        " P2..P5, overriding sampling_ratio", min=0)
     aligned: bool = opt(True, "half-pixel shift (detectron2 default); torchvision uses False")
     canonical_size: float = opt(224.0, "level = floor(canonical_level + log2(sqrt(wh) /"
                                 " canonical_size)) (FPN paper eq. 1)", min=1.0)

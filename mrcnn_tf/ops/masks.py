@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mrcnn_tf.ops.roi_align import roi_align_flat
+from mrcnn_tf.ops.roi_align import adaptive_window, roi_align_flat
 
 
 def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, output_size: int = 28,
@@ -34,37 +34,6 @@ def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, outp
     return tf.reshape(out, [batch, r, output_size, output_size])
 
 
-def _axis_weights(start, length, bins: int, extent):
-    """[bins, extent] weights W with W @ column = the mean, over each bin, of the adaptive
-    RoIAlign samples of one axis (torchvision's CPU kernel, sampling_ratio <= 0).
-
-    ``n = ceil(length / bins)`` samples per bin at ``start + (b + (k + 0.5) / n) * length / bins``.
-    A sample beyond one pixel outside [0, extent - 1] is zero; within it, it takes the edge
-    value; otherwise it is linear between its two neighbours.
-    """
-    n = tf.cast(tf.math.ceil(length / bins), tf.int32)
-    nf = tf.maximum(tf.cast(n, tf.float32), 1.0)
-    step = length / bins
-    b = tf.range(bins, dtype=tf.float32)[:, None]
-    k = tf.range(n, dtype=tf.float32)[None, :]
-    pos = start + b * step + (k + 0.5) * step / nf  # [bins, n]
-    size = tf.cast(extent, tf.float32)
-    inside = (pos >= -1.0) & (pos <= size)
-    pos = tf.maximum(pos, 0.0)
-    low = tf.floor(pos)
-    at_edge = low >= size - 1.0
-    low = tf.where(at_edge, size - 1.0, low)
-    frac = tf.where(at_edge, 0.0, pos - low)
-    high = tf.minimum(low + 1.0, size - 1.0)
-    weight = tf.where(inside, 1.0 / nf, 0.0)
-    rows = tf.cast(tf.concat([low, high], axis=1), tf.int32)  # [bins, 2n]
-    values = tf.concat([weight * (1.0 - frac), weight * frac], axis=1)
-    segments = tf.range(bins)[:, None] * extent + rows
-    flat = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(segments, [-1]),
-                                        bins * extent)
-    return tf.reshape(flat, tf.stack([bins, extent]))
-
-
 # A graph function even when called eagerly: an eager map_fn runs its body in Python per RoI
 # (minutes for a few thousand RoIs). Inside a traced train step it is inlined.
 @tf.function(reduce_retracing=True)
@@ -76,9 +45,9 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
     (``BitMasks.crop_and_resize``: aligned=True, then >= 0.5).
 
     Each bin averages ``ceil(roi_h / size) x ceil(roi_w / size)`` bilinear samples, a number that
-    differs per RoI. Bilinear sampling is separable, so a RoI's target is ``Wy @ mask @ Wx^T``
-    with the per-axis weights of :func:`_axis_weights`, computed on the RoI's own window of the
-    mask, one RoI at a time: exact for any RoI size, and only the covered pixels are read.
+    differs per RoI: ``Wy @ mask @ Wx^T`` on the RoI's window (see
+    :func:`mrcnn_tf.ops.roi_align.adaptive_window`), one RoI at a time: exact for any RoI size,
+    and only the covered pixels are read.
 
     Args:
       masks: [B, M, H, W] full-frame 0/1 masks (any numeric dtype).
@@ -104,27 +73,11 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
     which = tf.reshape(tf.range(batch)[:, None] * num_masks + tf.cast(mask_indices, tf.int32),
                        [-1])
     sizes = tf.reshape(tf.repeat(tf.cast(content_sizes, tf.int32), r, axis=0), [-1, 2])
-    offset = 0.5 if aligned else 0.0
 
     def one(args):
         box, index, size = args
-        y1, x1, y2, x2 = tf.unstack(box - offset)
-        h, w = y2 - y1, x2 - x1
-        if not aligned:
-            h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
-        # The window of rows/columns any sample can touch, clipped to the content.
-        r0 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1, 0.0)), tf.int32), 0, size[0] - 1)
-        r1 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1 + h, 0.0)), tf.int32) + 2, 1,
-                              size[0])
-        c0 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(x1, 0.0)), tf.int32), 0, size[1] - 1)
-        c1 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(x1 + w, 0.0)), tf.int32) + 2, 1,
-                              size[1])
-        r1, c1 = tf.maximum(r1, r0 + 1), tf.maximum(c1, c0 + 1)
+        (r0, r1, c0, c1), wy, wx = adaptive_window(box, size, output_size, aligned)
         window = tf.cast(flat_masks[index, r0:r1, c0:c1], tf.float32)
-        # Weights over the whole content axis, restricted to the window: the border rules need
-        # the content size, the product only the window.
-        wy = _axis_weights(y1, h, output_size, size[0])[:, r0:r1]
-        wx = _axis_weights(x1, w, output_size, size[1])[:, c0:c1]
         return tf.matmul(tf.matmul(wy, window), wx, transpose_b=True)
 
     out = tf.map_fn(one, (boxes, which, sizes), parallel_iterations=16,

@@ -20,8 +20,12 @@ into ordinary bilinear interpolation and "farther out -> zero" into extrapolatio
 crop_and_resize the first and last sample point as the box, normalised by the padded size minus 1.
 Then an average pool over each bin's ``ratio x ratio`` points gives the reference values.
 
-Adaptive sampling (``sampling_ratio=0``, a ratio per RoI) is not offered: it makes the number of
-sample points depend on the data, which a static graph cannot express.
+Adaptive sampling (``sampling_ratio=0``: ``ceil(roi_h / out_h) x ceil(roi_w / out_w)`` points per
+bin, a number that differs per RoI; detectron2's model-zoo configs) cannot be one crop_and_resize.
+Bilinear sampling is separable, so the mean over a bin's sample grid is ``Wy @ F @ Wx^T`` with
+per-axis weights that hold every sample's two neighbours (:func:`_axis_weights`): computed per
+RoI on the window of the map its samples touch (:func:`roi_align_adaptive_flat`), with the static
+output shape [R, out_h, out_w, C] and the exact numbers of torchvision's kernel for any RoI size.
 
 The gradient to the features is our own (:func:`crop_and_resize`): TensorFlow's CPU kernel for
 the gradient of crop_and_resize w.r.t. the image adds from several threads into the same pixels
@@ -120,6 +124,100 @@ def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, 
     return forward(image)
 
 
+def _axis_weights(start, length, bins: int, extent):
+    """[bins, extent] weights W with W @ column = the mean, over each bin, of the adaptive
+    RoIAlign samples of one axis (torchvision's CPU kernel, sampling_ratio <= 0).
+
+    ``n = ceil(length / bins)`` samples per bin at ``start + (b + (k + 0.5) / n) * length / bins``.
+    A sample beyond one pixel outside [0, extent - 1] is zero; within it, it takes the edge
+    value; otherwise it is linear between its two neighbours.
+    """
+    n = tf.cast(tf.math.ceil(length / bins), tf.int32)
+    nf = tf.maximum(tf.cast(n, tf.float32), 1.0)
+    step = length / bins
+    b = tf.range(bins, dtype=tf.float32)[:, None]
+    k = tf.range(n, dtype=tf.float32)[None, :]
+    pos = start + b * step + (k + 0.5) * step / nf  # [bins, n]
+    size = tf.cast(extent, tf.float32)
+    inside = (pos >= -1.0) & (pos <= size)
+    pos = tf.maximum(pos, 0.0)
+    low = tf.floor(pos)
+    at_edge = low >= size - 1.0
+    low = tf.where(at_edge, size - 1.0, low)
+    frac = tf.where(at_edge, 0.0, pos - low)
+    high = tf.minimum(low + 1.0, size - 1.0)
+    weight = tf.where(inside, 1.0 / nf, 0.0)
+    rows = tf.cast(tf.concat([low, high], axis=1), tf.int32)  # [bins, 2n]
+    values = tf.concat([weight * (1.0 - frac), weight * frac], axis=1)
+    segments = tf.range(bins)[:, None] * extent + rows
+    flat = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(segments, [-1]),
+                                        bins * extent)
+    return tf.reshape(flat, tf.stack([bins, extent]))
+
+
+def adaptive_window(box, size, output_size, aligned: bool):
+    """The window of the map one RoI's adaptive samples touch, and its per-axis weights.
+
+    Args:
+      box: [4] (y1, x1, y2, x2) in map pixels (before the aligned offset).
+      size: [2] int32 (height, width) of the map (the border rules' extent).
+      output_size: int or (out_h, out_w).
+      aligned: half-pixel shift, or not (the RoI is then at least 1x1).
+    Returns:
+      ((r0, r1, c0, c1) window bounds, wy [out_h, r1 - r0], wx [out_w, c1 - c0]); the RoI's
+      RoIAlign is ``wy @ map[r0:r1, c0:c1] @ wx^T``.
+    """
+    out_h, out_w = _as_pair(output_size)
+    offset = 0.5 if aligned else 0.0
+    y1, x1, y2, x2 = tf.unstack(box - offset)
+    h, w = y2 - y1, x2 - x1
+    if not aligned:
+        h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
+    # The rows/columns any sample can touch, clipped to the map.
+    r0 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1, 0.0)), tf.int32), 0, size[0] - 1)
+    r1 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1 + h, 0.0)), tf.int32) + 2, 1, size[0])
+    c0 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(x1, 0.0)), tf.int32), 0, size[1] - 1)
+    c1 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(x1 + w, 0.0)), tf.int32) + 2, 1, size[1])
+    r1, c1 = tf.maximum(r1, r0 + 1), tf.maximum(c1, c0 + 1)
+    # Weights over the whole axis, restricted to the window: the border rules need the map's
+    # size, the product only the window.
+    wy = _axis_weights(y1, h, out_h, size[0])[:, r0:r1]
+    wx = _axis_weights(x1, w, out_w, size[1])[:, c0:c1]
+    return (r0, r1, c0, c1), wy, wx
+
+
+def roi_align_adaptive_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor,
+                            output_size, aligned: bool = True) -> tf.Tensor:
+    """RoIAlign with adaptive sampling (``sampling_ratio=0``, detectron2's ``POOLER_SAMPLING_RATIO:
+    0``) for a flat list of RoIs, in feature-map coordinates.
+
+    Args:
+      features: [N_img, H, W, C] any float dtype.
+      boxes: [R, 4] (y1, x1, y2, x2) in feature-map pixels.
+      box_indices: [R] int32 image of each RoI.
+      output_size: int or (out_h, out_w).
+      aligned: half-pixel shift (detectron2) or not (torchvision).
+    Returns:
+      [R, out_h, out_w, C] in the features' dtype. Gradients flow to ``features``.
+    """
+    out_h, out_w = _as_pair(output_size)
+    image = tf.cast(features, tf.float32)
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    size = tf.shape(image)[1:3]
+    channels = features.shape[-1]
+
+    def one(args):
+        box, index = args
+        (r0, r1, c0, c1), wy, wx = adaptive_window(box, size, (out_h, out_w), aligned)
+        window = image[index, r0:r1, c0:c1]  # [h, w, C]
+        rows = tf.einsum("ih,hwc->iwc", wy, window)
+        return tf.einsum("iwc,jw->ijc", rows, wx)
+
+    out = tf.map_fn(one, (boxes, tf.cast(box_indices, tf.int32)), parallel_iterations=16,
+                    fn_output_signature=tf.TensorSpec([out_h, out_w, channels], tf.float32))
+    return tf.cast(out, features.dtype)
+
+
 def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,
                    sampling_ratio: int = 2, aligned: bool = True) -> tf.Tensor:
     """RoIAlign for a flat list of RoIs, in feature-map coordinates.
@@ -129,14 +227,17 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
       boxes: [R, 4] (y1, x1, y2, x2) in feature-map pixels (already multiplied by the scale).
       box_indices: [R] int32 image of each RoI.
       output_size: int or (out_h, out_w).
-      sampling_ratio: >= 1 sample points per bin side.
+      sampling_ratio: >= 1 sample points per bin side, or 0 for adaptive sampling
+        (:func:`roi_align_adaptive_flat`).
       aligned: half-pixel shift (detectron2 default) or not (torchvision's MultiScaleRoIAlign).
     Returns:
       [R, out_h, out_w, C] in the features' dtype.
     """
-    if int(sampling_ratio) < 1:
-        raise ValueError(f"roi_align: sampling_ratio must be >= 1 (got {sampling_ratio}); the "
-                         "adaptive ratio 0 has no static shape")
+    if int(sampling_ratio) < 0:
+        raise ValueError(f"roi_align: sampling_ratio must be >= 0 (0 = adaptive), got "
+                         f"{sampling_ratio}")
+    if int(sampling_ratio) == 0:
+        return roi_align_adaptive_flat(features, boxes, box_indices, output_size, aligned)
     ratio = int(sampling_ratio)
     out_h, out_w = _as_pair(output_size)
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
@@ -183,7 +284,7 @@ def roi_align(features: tf.Tensor, boxes: tf.Tensor, output_size, spatial_scale:
         feature-map pixels.
       output_size: int or (out_h, out_w).
       spatial_scale: feature-map pixels per image pixel (1 / stride).
-      sampling_ratio: >= 1 sample points per bin side.
+      sampling_ratio: >= 1 sample points per bin side, or 0 for adaptive sampling.
       aligned: half-pixel shift (True, detectron2) or not (False, torchvision).
     Returns:
       [B, N, out_h, out_w, C]. Gradients flow to ``features`` only.

@@ -74,9 +74,52 @@ def test_one_pixel_map():
     np.testing.assert_allclose(out[0, 0].numpy(), ref, atol=1e-6)
 
 
-def test_rejects_adaptive_sampling():
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_align(tf.zeros([1, 4, 4, 1]), tf.zeros([1, 1, 4]), 2, sampling_ratio=0)
+def test_rejects_a_negative_sampling_ratio():
+    with pytest.raises(ValueError, match="sampling_ratio must be >= 0"):
+        roi_align(tf.zeros([1, 4, 4, 1]), tf.zeros([1, 1, 4]), 2, sampling_ratio=-1)
+
+
+def _adaptive_boxes(rng, n, h, w):
+    """RoIs from empty to larger than an h x w map, some crossing or outside its border."""
+    side = rng.choice([0.0, 0.3, 2.0, 9.0, 25.0, 60.0], size=(n, 2)) * rng.uniform(0.5, 1.5,
+                                                                                  (n, 2))
+    y1, x1 = rng.uniform(-8, h + 3, n), rng.uniform(-8, w + 3, n)
+    return np.stack([y1, x1, y1 + side[:, 0], x1 + side[:, 1]], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_adaptive_sampling_matches_numpy_reference(aligned):
+    """sampling_ratio=0: ceil(RoI side / output side) samples per bin side, per RoI (1 to 10
+    here), equal to the reference kernel for empty, sub-pixel, large and outside RoIs."""
+    rng = np.random.default_rng(5)
+    feat = rng.standard_normal((2, 23, 31, 3)).astype(np.float32)
+    boxes = _adaptive_boxes(rng, 40, 23, 31)
+    index = rng.integers(0, 2, 40).astype(np.int32)
+    out = roi_align_flat(feat, boxes, index, (6, 5), sampling_ratio=0, aligned=aligned).numpy()
+    ref = np.stack([reference.roi_align(feat[index[i]], boxes[i], 6, 5, 1.0, 0, aligned)
+                    for i in range(40)])
+    counts = np.ceil((boxes[:, 2:] - boxes[:, :2]) / [6, 5])
+    assert counts.max() >= 10 and (np.abs(ref).max(axis=(1, 2, 3)) == 0).any()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_adaptive_sampling_gradient_is_the_exact_adjoint():
+    """RoIAlign is linear in the map, so an exact gradient g = A^T u satisfies
+    <A(F), u> = <F, g> for any map F and upstream u."""
+    rng = np.random.default_rng(6)
+    feat = tf.constant(rng.standard_normal((2, 19, 17, 4)).astype(np.float32))
+    boxes = _adaptive_boxes(rng, 30, 19, 17)
+    index = rng.integers(0, 2, 30).astype(np.int32)
+    upstream = rng.standard_normal((30, 7, 7, 4)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(feat)
+        out = roi_align_flat(feat, boxes, index, 7, sampling_ratio=0, aligned=True)
+        loss = tf.reduce_sum(out * upstream)
+    grad = tape.gradient(loss, feat).numpy()
+    other = rng.standard_normal(feat.shape).astype(np.float32)
+    lhs = np.sum(roi_align_flat(other, boxes, index, 7, 0, True).numpy() * upstream)
+    np.testing.assert_allclose(lhs, np.sum(other * grad), rtol=1e-4)
+    assert np.abs(grad).max() > 0
 
 
 @pytest.mark.parametrize("side,level", [(111, 2), (113, 3), (223, 3), (225, 4), (449, 5),

@@ -35,6 +35,19 @@ def test_roi_align_equals_torchvision(tv, aligned, ratio):
     assert diff <= 1e-5
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_adaptive_roi_align_equals_torchvision(tv, aligned):
+    """sampling_ratio=0 (detectron2's model zoo pools this way), RoIs needing 1 to 10 samples
+    per bin side."""
+    out = roi_align_flat(tv["adaptive_features"], tv["adaptive_boxes"] * 0.25,
+                         tv["adaptive_batch"], (7, 6), 0, aligned).numpy()
+    ref = tv[f"adaptive_out_{int(aligned)}"]
+    assert np.abs(ref).max() > 0.5 and (np.abs(ref).max(axis=(1, 2, 3)) == 0).any()
+    diff = np.abs(out - ref).max()
+    print(f"adaptive roi_align aligned={aligned}: max |ours - torchvision| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
 def test_multiscale_roi_align_equals_torchvision(tv):
     feats = {lv: tv[f"ms_p{lv}"] for lv in range(2, 6)}
     out = multilevel_roi_align(feats, tv["ms_boxes"][None], 7, sampling_ratio=2, aligned=False)

@@ -54,9 +54,10 @@ def section(cls):
 class BackboneConfig:
     """ResNet backbone producing C2..C5."""
 
-    name: str = opt("resnet50", "ResNet depth; resnet_small is a narrow 1-block-per-stage net"
-                    " for CPU tests and the shapes job",
-                    choices=("resnet50", "resnet101", "resnet_small"))
+    name: str = opt("resnet50", "ResNet depth, or ResNeXt-101 32x8d (detectron2's X101); the"
+                    " _small ones are narrow 1-block-per-stage nets for CPU tests and the shapes"
+                    " job", choices=("resnet50", "resnet101", "resnext101_32x8d", "resnet_small",
+                                     "resnext_small"))
     norm: str = opt("frozen_bn", "normalisation: frozen BN as every reference fine-tunes"
                     " ImageNet weights with batch 2/GPU",
                     choices=("frozen_bn", "bn", "sync_bn", "group_norm"))
@@ -98,6 +99,8 @@ class AnchorConfig:
     offset: float = opt(0.0, "anchor centre offset in strides: 0 = torchvision/detectron2, 0.5 ="
                         " Model Garden", min=0.0, max=1.0)
     round_to_int: bool = opt(True, "round base anchor corners to integers as torchvision does")
+    level_strides: bool = opt(False, "stride of level l is 2**l (detectron2, Model Garden), not"
+                              " the input size // the grid size (torchvision)")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ class RPNConfig:
     nms_threshold: float = opt(0.7, "proposal NMS IoU (all references)", min=0.0, max=1.0)
     nms_per_level: bool = opt(True, "NMS within each level (torchvision/detectron2) or across all",)
     min_box_size: float = opt(1e-3, "proposals smaller than this (pixels) are dropped"
-                              " (torchvision)", min=0.0)
+                              " (torchvision); 0 drops empty ones only (detectron2's"
+                              " nonempty)", min=0.0)
     score_threshold: float = opt(0.0, "proposals with objectness probability <= this are"
                                  " dropped (torchvision)", min=0.0, max=1.0)
     positive_iou: float = opt(0.7, "anchors with IoU >= this are positive (all references; the"
@@ -633,9 +637,47 @@ def packaged_config(path: str) -> str:
     return path
 
 
+def _read_yaml(path: str, chain: tuple[str, ...]) -> dict:
+    """One YAML file as a mapping, its ``_base_`` (if any) merged underneath."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory; --config takes a YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if "_base_" not in data:
+        return data
+    base_name = data.pop("_base_")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: _base_ must be the path of a YAML file, got {base_name!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base_name)
+    if os.path.abspath(base_path) in chain + (os.path.abspath(path),):
+        raise ConfigError(f"{path}: _base_ {base_name} includes itself")
+    if not os.path.exists(base_path):
+        raise FileNotFoundError(f"{path}: _base_ {base_name} not found (looked for {base_path})")
+    base = _read_yaml(base_path, chain + (os.path.abspath(path),))
+    try:
+        _deep_update(base, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return base
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None
                 ) -> Config:
     """Reads a YAML config (a ``yaml.SafeLoader``), applies dotted overrides and validates.
+
+    A file may start from another: ``_base_: other.yaml`` (a path relative to the file) reads
+    that one first and overrides it section by section, as detectron2's ``_BASE_``.
 
     Args:
       path: YAML file, or None for the built-in defaults (the COCO R50-FPN 1x recipe).
@@ -648,21 +690,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     data: Any = {}
     if path is not None:
         path = os.fspath(path)
-        if os.path.isdir(path):
-            raise ConfigError(f"{path}: is a directory; --config takes a YAML file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_Loader)
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not a UTF-8 text file ({e})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = _read_yaml(path, ())
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:

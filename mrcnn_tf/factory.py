@@ -71,7 +71,8 @@ def build_layers(m: ModelConfig) -> dict:
 
 def anchor_generator(m: ModelConfig) -> AnchorGenerator:
     a = m.anchors
-    return AnchorGenerator(a.sizes, a.aspect_ratios, a.scales, a.offset, a.round_to_int)
+    return AnchorGenerator(a.sizes, a.aspect_ratios, a.scales, a.offset, a.round_to_int,
+                           a.level_strides)
 
 
 def target_assigner(config: Config) -> TargetAssigner:

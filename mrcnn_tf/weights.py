@@ -320,17 +320,21 @@ def _assign_all(entries, state: dict, what: str, ignored=lambda key: False, hint
 
 
 def family_of(state: dict) -> str:
-    """``torchvision`` (v1) or ``torchvision_v2``, from a state dict's keys; a WeightsError
-    naming the keys looked for when it is neither."""
+    """``torchvision`` (v1), ``torchvision_v2`` or ``detectron2``, from a state dict's keys; a
+    WeightsError naming the keys looked for when it is none of them."""
     if "roi_heads.box_head.fc6.weight" in state:
         return "torchvision"
     if "roi_heads.box_head.0.0.weight" in state and "rpn.head.conv.1.0.weight" in state:
         return "torchvision_v2"
+    if "backbone.bottom_up.stem.conv1.weight" in state and "roi_heads.box_head.fc1.weight" in (
+            state):
+        return "detectron2"
     sample = ", ".join(sorted(state)[:5])
     raise WeightsError(
         "not a checkpoint of a known Mask R-CNN family: torchvision v1 has "
         "roi_heads.box_head.fc6.weight, v2 has roi_heads.box_head.0.0.weight and "
-        f"rpn.head.conv.1.0.weight; this one has {len(state)} keys ({sample}, ...)")
+        "rpn.head.conv.1.0.weight, detectron2 has backbone.bottom_up.stem.conv1.weight and "
+        f"roi_heads.box_head.fc1.weight; this one has {len(state)} keys ({sample}, ...)")
 
 
 def load_torchvision(model, state_dict_or_path) -> int:
@@ -348,6 +352,11 @@ def load_torchvision(model, state_dict_or_path) -> int:
         found = family_of(state)
     except WeightsError:
         found = None  # neither family: the key lists below say what differs
+    if found == "detectron2":
+        raise WeightsError("the state dict is detectron2's (it has backbone.bottom_up.*): load it "
+                           "with mrcnn_tf.weights_detectron2.load_detectron2 into a model built "
+                           "from configs/detectron2_r50_fpn.yaml, or convert it with python -m "
+                           "mrcnn_tf.tools.convert, which picks the config")
     if found is not None and found != {"v1": "torchvision", "v2": "torchvision_v2"}[version]:
         key = ("roi_heads.box_head.fc6.weight" if found == "torchvision"
                else "roi_heads.box_head.0.0.weight")

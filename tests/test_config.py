@@ -139,3 +139,27 @@ def test_yaml_reading_faults_are_messages_naming_the_file(tmp_path):
         load_config(None, ["model=[]"])
     with pytest.raises(ConfigError, match=r"train: is a section"):
         load_config(None, ["train=5"])
+
+
+def test_base_files_are_read_first_and_overridden(tmp_path):
+    """``_base_`` (detectron2's _BASE_): the shipped R101 and X101 configs are the R50 one with
+    their backbone; a missing base or a cycle is named."""
+    r50 = load_config(REPO / "configs" / "detectron2_r50_fpn.yaml")
+    x101 = load_config(REPO / "configs" / "detectron2_x101_32x8d_fpn.yaml")
+    r101 = load_config(REPO / "configs" / "detectron2_r101_fpn.yaml")
+    assert (r101.model.backbone.name, x101.model.backbone.name) == ("resnet101",
+                                                                    "resnext101_32x8d")
+    assert x101.model.backbone.stride_in_1x1 is False and r50.model.backbone.stride_in_1x1
+    assert x101.model.preprocess.pixel_std == (0.229, 0.224, 0.225)
+    assert x101.model.preprocess.pixel_mean == r50.model.preprocess.pixel_mean
+    assert x101.model.roi_align == r50.model.roi_align and x101.train == r50.train
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\ntrain:\n  steps: 5\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ a.yaml includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nope.yaml\n")
+    with pytest.raises(FileNotFoundError, match="c.yaml: _base_ nope.yaml not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("_base_: [1]\n")
+    with pytest.raises(ConfigError, match="_base_ must be the path of a YAML file"):
+        load_config(tmp_path / "d.yaml")

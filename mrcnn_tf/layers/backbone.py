@@ -9,12 +9,16 @@ import tensorflow as tf
 
 from mrcnn_tf.layers.norm import make_norm
 
-# name -> (blocks per stage res2..res5, stem width, bottleneck width of res2)
+# name -> (blocks per stage res2..res5, stem width, bottleneck width of res2, groups of the 3x3
+# convs). Stage outputs are 4 x stem x 2**i channels (256..2048 for the full-size ones).
 ARCHS = {
-    "resnet50": ((3, 4, 6, 3), 64, 64),
-    "resnet101": ((3, 4, 23, 3), 64, 64),
+    "resnet50": ((3, 4, 6, 3), 64, 64, 1),
+    "resnet101": ((3, 4, 23, 3), 64, 64, 1),
+    # ResNeXt-101 32x8d (Xie et al., 2017): 32 groups of 8 channels in res2's 3x3 convs.
+    "resnext101_32x8d": ((3, 4, 23, 3), 64, 256, 32),
     # CPU-sized: one bottleneck per stage, a quarter of the width (outputs 64..512 channels).
-    "resnet_small": ((1, 1, 1, 1), 16, 16),
+    "resnet_small": ((1, 1, 1, 1), 16, 16, 1),
+    "resnext_small": ((1, 1, 1, 1), 16, 32, 4),
 }
 EXPANSION = 4
 
@@ -23,9 +27,10 @@ def _pad(x, p):
     return tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]) if p else x
 
 
-def _conv(filters, kernel, stride, name):
+def _conv(filters, kernel, stride, name, groups=1):
     # He (fan_out) init as torchvision's ResNet; no bias: every conv is followed by a norm.
     return keras.layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False,
+                               groups=groups,
                                kernel_initializer=keras.initializers.VarianceScaling(
                                    2.0, "fan_out", "untruncated_normal"), name=name)
 
@@ -34,22 +39,25 @@ def _conv(filters, kernel, stride, name):
 class Bottleneck(keras.layers.Layer):
     """1x1 -> 3x3 -> 1x1 residual block.
 
-    Input [B, H, W, C_in] -> output [B, ceil(H / stride), ceil(W / stride), filters * 4].
+    Input [B, H, W, C_in] -> output [B, ceil(H / stride), ceil(W / stride), out_filters]
+    (``filters * 4`` unless given; ResNeXt's bottleneck is wider than a quarter of its output).
     ``stride_in_1x1`` puts the stride on the first 1x1 conv (MSRA, Keras Applications) instead of
-    the 3x3 (torchvision, "ResNet v1.5").
+    the 3x3 (torchvision, "ResNet v1.5"). ``groups`` > 1 makes the 3x3 conv grouped (ResNeXt).
     """
 
     def __init__(self, filters: int, stride: int = 1, stride_in_1x1: bool = False,
                  norm: str = "frozen_bn", group_norm_groups: int = 32, project: bool = False,
-                 **kwargs):
+                 groups: int = 1, out_filters: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.stride, self.stride_in_1x1 = int(filters), int(stride), stride_in_1x1
         self.norm, self.group_norm_groups, self.project = norm, int(group_norm_groups), project
+        self.groups = int(groups)
+        self.out_filters = int(out_filters) if out_filters else self.filters * EXPANSION
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        out = filters * EXPANSION
+        out = self.out_filters
         self.conv1 = _conv(filters, 1, s1, "conv1")
         self.norm1 = make_norm(norm, "norm1", group_norm_groups)
-        self.conv2 = _conv(filters, 3, s3, "conv2")
+        self.conv2 = _conv(filters, 3, s3, "conv2", self.groups)
         self.norm2 = make_norm(norm, "norm2", group_norm_groups)
         self.conv3 = _conv(out, 1, 1, "conv3")
         self.norm3 = make_norm(norm, "norm3", group_norm_groups)
@@ -64,7 +72,7 @@ class Bottleneck(keras.layers.Layer):
         def shape(c):
             return (None, None, None, c)
 
-        c_in, out = int(input_shape[-1]), self.filters * EXPANSION
+        c_in, out = int(input_shape[-1]), self.out_filters
         self.conv1.build(shape(c_in))
         self.norm1.build(shape(self.filters))
         self.conv2.build(shape(self.filters))
@@ -86,18 +94,18 @@ class Bottleneck(keras.layers.Layer):
         def div(v):
             return None if v is None else -(-v // self.stride)
 
-        return (input_shape[0], div(input_shape[1]), div(input_shape[2]),
-                self.filters * EXPANSION)
+        return (input_shape[0], div(input_shape[1]), div(input_shape[2]), self.out_filters)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride,
                 "stride_in_1x1": self.stride_in_1x1, "norm": self.norm,
-                "group_norm_groups": self.group_norm_groups, "project": self.project}
+                "group_norm_groups": self.group_norm_groups, "project": self.project,
+                "groups": self.groups, "out_filters": self.out_filters}
 
 
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class ResNet(keras.layers.Layer):
-    """ResNet-50/101 (or a small CPU variant) as a feature extractor.
+    """ResNet-50/101, ResNeXt-101 32x8d (or small CPU variants) as a feature extractor.
 
     Input: [B, H, W, input_channels] normalised images (H, W multiples of 32 for exact strides).
     Output: {"c2": [B, H/4, W/4, 256], "c3": [B, H/8, W/8, 512], "c4": [B, H/16, W/16, 1024],
@@ -117,7 +125,7 @@ class ResNet(keras.layers.Layer):
         self.name_or_depth, self.norm, self.stride_in_1x1 = name_or_depth, norm, stride_in_1x1
         self.freeze_at, self.input_channels = int(freeze_at), int(input_channels)
         self.group_norm_groups = int(group_norm_groups)
-        blocks, stem, width = ARCHS[name_or_depth]
+        blocks, stem, width, groups = ARCHS[name_or_depth]
         self.stem_conv = _conv(stem, 7, 2, "stem_conv")
         self.stem_norm = make_norm(norm, "stem_norm", group_norm_groups)
         # One flat list: tf.train.Checkpoint does not follow lists nested in lists.
@@ -125,14 +133,15 @@ class ResNet(keras.layers.Layer):
         self._stage_sizes = tuple(blocks)
         in_ch = stem
         for i, n in enumerate(blocks):
-            filters = width * 2 ** i
+            filters, out = width * 2 ** i, stem * EXPANSION * 2 ** i
             for b in range(n):
                 stride = 2 if (b == 0 and i > 0) else 1
-                project = b == 0 and (stride != 1 or in_ch != filters * EXPANSION)
+                project = b == 0 and (stride != 1 or in_ch != out)
                 self.blocks.append(Bottleneck(filters, stride, stride_in_1x1, norm,
-                                              group_norm_groups, project, name=f"res{i + 2}_{b}"))
-                in_ch = filters * EXPANSION
-        self.out_channels = {f"c{i + 2}": width * 2 ** i * EXPANSION for i in range(4)}
+                                              group_norm_groups, project, groups, out,
+                                              name=f"res{i + 2}_{b}"))
+                in_ch = out
+        self.out_channels = {f"c{i + 2}": stem * EXPANSION * 2 ** i for i in range(4)}
         self._apply_freeze()
 
     @property
@@ -163,7 +172,7 @@ class ResNet(keras.layers.Layer):
         channels = self.stem_conv.filters
         for block in self.blocks:
             block.build((None, None, None, channels))
-            channels = block.filters * EXPANSION
+            channels = block.out_filters
 
     def call(self, images, training=None):
         x = self.stem_conv(_pad(images, 3))

@@ -24,7 +24,8 @@ class ProposalGenerator(keras.layers.Layer):
     """Turns RPN outputs into a fixed number of proposals per image (torchvision's order).
 
     Per level: top ``pre_nms_topk`` anchors by objectness logit, decode their deltas, clip to the
-    image, drop boxes smaller than ``min_box_size`` and probabilities below ``score_threshold``;
+    image, drop boxes smaller than ``min_box_size`` (with 0: empty boxes, detectron2's rule) and
+    probabilities below ``score_threshold``;
     then NMS per level (or across levels) and the top ``post_nms_topk`` by probability.
 
     Inputs (call): objectness: list of [B, N_l] or [B, N_l, 2]; deltas: list of [B, N_l, 4];
@@ -63,8 +64,11 @@ class ProposalGenerator(keras.layers.Layer):
             a = tf.gather(tf.cast(anc, tf.float32), top.indices)
             boxes = clip_boxes(self.coder.decode(d, a), image_sizes[:, 0], image_sizes[:, 1])
             h, w = box_sizes(boxes)
-            valid = ((h >= self.min_box_size) & (w >= self.min_box_size)
-                     & (probs >= self.score_threshold))
+            if self.min_box_size > 0:  # torchvision's remove_small_boxes
+                big = (h >= self.min_box_size) & (w >= self.min_box_size)
+            else:  # detectron2's Boxes.nonempty(threshold=0)
+                big = (h > 0.0) & (w > 0.0)
+            valid = big & (probs >= self.score_threshold)
             boxes_l.append(boxes)
             scores_l.append(probs)
             valid_l.append(valid)

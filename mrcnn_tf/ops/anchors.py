@@ -60,7 +60,8 @@ def level_anchors(grid_height, grid_width, stride_y, stride_x, base: np.ndarray,
 
 
 def multilevel_anchors(image_size, grid_sizes: dict, sizes, aspect_ratios, scales=(1.0,),
-                       offset: float = 0.0, round_to_int: bool = True) -> dict:
+                       offset: float = 0.0, round_to_int: bool = True,
+                       level_strides: bool = False) -> dict:
     """Anchors for every level.
 
     Args:
@@ -68,6 +69,9 @@ def multilevel_anchors(image_size, grid_sizes: dict, sizes, aspect_ratios, scale
       grid_sizes: {level: (grid_height, grid_width)} in increasing level order.
       sizes: one anchor size per level, same order as ``grid_sizes``.
       aspect_ratios, scales, offset, round_to_int: see the module docstring.
+      level_strides: a level's stride is 2**level (detectron2, Model Garden) instead of
+        ``image_size // grid_size`` (torchvision); they differ where the input is not a multiple
+        of the stride (P6 of an 800-row input: 13 rows, stride 61 in torchvision, 64 here).
     Returns:
       {level: [H_l * W_l * A, 4] float32}; concatenate the values in level order to match the
       RPN head's concatenated outputs.
@@ -77,8 +81,11 @@ def multilevel_anchors(image_size, grid_sizes: dict, sizes, aspect_ratios, scale
     out = {}
     for size, (level, (gh, gw)) in zip(sizes, grid_sizes.items()):
         base = base_anchors(size, aspect_ratios, scales, round_to_int)
-        stride_y = image_size[0] // gh
-        stride_x = image_size[1] // gw
+        if level_strides:
+            stride_y = stride_x = 2 ** int(level)
+        else:
+            stride_y = image_size[0] // gh
+            stride_x = image_size[1] // gw
         out[level] = level_anchors(gh, gw, stride_y, stride_x, base, offset)
     return out
 
@@ -96,11 +103,12 @@ class AnchorGenerator:
     """
 
     def __init__(self, sizes, aspect_ratios=(0.5, 1.0, 2.0), scales=(1.0,), offset=0.0,
-                 round_to_int=True):
+                 round_to_int=True, level_strides=False):
         self.sizes = tuple(float(s) for s in sizes)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         self.scales = tuple(float(s) for s in scales)
         self.offset, self.round_to_int = float(offset), bool(round_to_int)
+        self.level_strides = bool(level_strides)
 
     @property
     def num_anchors(self) -> int:
@@ -109,9 +117,10 @@ class AnchorGenerator:
 
     def __call__(self, image_size, grid_sizes: dict) -> dict:
         return multilevel_anchors(image_size, grid_sizes, self.sizes, self.aspect_ratios,
-                                  self.scales, self.offset, self.round_to_int)
+                                  self.scales, self.offset, self.round_to_int,
+                                  self.level_strides)
 
     def get_config(self) -> dict:
         return {"sizes": list(self.sizes), "aspect_ratios": list(self.aspect_ratios),
                 "scales": list(self.scales), "offset": self.offset,
-                "round_to_int": self.round_to_int}
+                "round_to_int": self.round_to_int, "level_strides": self.level_strides}

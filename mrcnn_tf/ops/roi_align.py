@@ -186,6 +186,8 @@ def adaptive_window(box, size, output_size, aligned: bool):
     return (r0, r1, c0, c1), wy, wx
 
 
+# A graph function even when called eagerly: an eager map_fn runs its body in Python per RoI.
+@tf.function(reduce_retracing=True)
 def roi_align_adaptive_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor,
                             output_size, aligned: bool = True) -> tf.Tensor:
     """RoIAlign with adaptive sampling (``sampling_ratio=0``, detectron2's ``POOLER_SAMPLING_RATIO:

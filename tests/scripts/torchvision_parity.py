@@ -112,15 +112,18 @@ def _torch_model(small: bool, v2: bool = False):
         mask_predictor=MaskRCNNPredictor(f, f, 91), **common)
 
 
-def _randomise(model, seed: int):
+def _randomise(model, seed: int, backbone: str = "body", deconv: str = "conv5_mask",
+               norm_types=()):
     """Seeded weights with spread-out outputs: random norm statistics everywhere and fan-in scaled
     weights elsewhere, so that objectness and class logits spread over a few units (torchvision's
-    own init gives near-equal scores whose ranking float rounding decides)."""
+    own init gives near-equal scores whose ranking float rounding decides). ``backbone`` and
+    ``deconv`` mark the backbone's keys (gain 2) and the transposed conv's ([in, out, ...]);
+    ``norm_types`` adds norm module classes (detectron2's FrozenBatchNorm2d)."""
     import torch
     from torchvision.ops import FrozenBatchNorm2d
 
-    norms = {name for name, m in model.named_modules()
-             if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
+    types = (torch.nn.BatchNorm2d, FrozenBatchNorm2d, *norm_types)
+    norms = {name for name, m in model.named_modules() if isinstance(m, types)}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -135,9 +138,9 @@ def _randomise(model, seed: int):
                     t.copy_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=gen))
             elif name.endswith("weight"):
                 fan_in = t[0].numel() if t.dim() > 1 else 1
-                if "conv5_mask" in name:
+                if deconv in name:
                     fan_in = t.shape[0]
-                gain = 2.0 if "body" in name else 1.0
+                gain = 2.0 if backbone in name else 1.0
                 t.copy_(torch.randn(t.shape, generator=gen) * (gain / fan_in) ** 0.5)
             elif name.endswith("bias"):
                 t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
@@ -149,12 +152,14 @@ _TARGET_STD = {"rpn.head.cls_logits": 2.0, "rpn.head.bbox_pred": 0.3,
                "roi_heads.mask_predictor.mask_fcn_logits": 2.0}
 
 
-def _calibrate(model, x, passes: int = 3):
-    """Rescales each predictor so that its outputs on ``x`` have the spread of _TARGET_STD:
-    random ResNet-50 features reach thousands, which would push every random box out of the
-    image (no proposals) and saturate every score."""
+def _calibrate(model, x, passes: int = 3, targets=None):
+    """Rescales each predictor so that its outputs on ``x`` have the spread of ``targets``
+    (default _TARGET_STD): random ResNet-50 features reach thousands, which would push every
+    random box out of the image (no proposals) and saturate every score. ``x`` is what the model
+    is called with."""
     import torch
 
+    targets = targets or _TARGET_STD
     modules = dict(model.named_modules())
     for _ in range(passes):
         stds = {}
@@ -165,14 +170,14 @@ def _calibrate(model, x, passes: int = 3):
                     stds.setdefault(name, float(output.std()))
             return hook
 
-        hooks = [modules[name].register_forward_hook(record(name)) for name in _TARGET_STD]
+        hooks = [modules[name].register_forward_hook(record(name)) for name in targets]
         with torch.no_grad():
             model([x])
         for h in hooks:
             h.remove()
         with torch.no_grad():
             for name, std in stds.items():
-                factor = _TARGET_STD[name] / max(std, 1e-12)
+                factor = targets[name] / max(std, 1e-12)
                 modules[name].weight.mul_(factor)
                 modules[name].bias.mul_(factor)
 
@@ -223,6 +228,10 @@ def reference(out_path: str, small: bool, image_path: str, seed: int = 0,
         out["class_logits"] = head[0].numpy()
         out["box_deltas"] = head[1].reshape(-1, 91, 4)[..., [1, 0, 3, 2]].numpy()
         dets = model([x])[0]
+        # The detections' 28x28 mask probabilities before pasting (roi_heads' "masks"; the
+        # transform's postprocess only pastes them, in the same order).
+        heads, _ = model.roi_heads(feats, model.rpn(images, feats)[0], images.image_sizes)
+        out["det_mask_probs"] = heads[0]["masks"][:, 0].numpy()
     out["det_boxes"] = yxyx(dets["boxes"])
     out["det_scores"] = dets["scores"].numpy()
     out["det_classes"] = dets["labels"].numpy()
@@ -260,6 +269,19 @@ def our_config(small: bool, v2: bool = False):
     return load_config(CONFIGS[v2], parity_overrides(small))
 
 
+def _config_and_loader(meta: dict):
+    """Our config and weight loader for a reference's family (torchvision v1/v2, detectron2)."""
+    if meta.get("family") == "detectron2":
+        from mrcnn_tf.weights_detectron2 import load_detectron2
+        from tests.scripts import detectron2_parity
+
+        return (detectron2_parity.our_config(meta["small"], meta.get("resnext", False)),
+                load_detectron2)
+    from mrcnn_tf.weights import load_torchvision
+
+    return our_config(meta["small"], meta.get("v2", False)), load_torchvision
+
+
 def _match(ref_boxes, boxes, tol):
     """For each reference box, whether some box is within ``tol`` px in every coordinate."""
     if len(boxes) == 0:
@@ -275,14 +297,13 @@ def check(ref_path: str) -> dict:
 
     from mrcnn_tf.model import build_model
     from mrcnn_tf.ops.masks import paste_masks
-    from mrcnn_tf.weights import load_torchvision
 
     ref = dict(np.load(ref_path))
     meta = json.loads(str(ref["meta"]))
-    config = our_config(meta["small"], meta.get("v2", False))
+    config, load = _config_and_loader(meta)
     model = build_model(config)
     state = {k[3:]: v for k, v in ref.items() if k.startswith("sd/")}
-    n_loaded = load_torchvision(model, state)
+    n_loaded = load(model, state)
     image = tf.constant(ref["image"][None])
     r = {"tensors_loaded": n_loaded}
 
@@ -323,9 +344,8 @@ def check(ref_path: str) -> dict:
     scores = det["detection_scores"].numpy()[0, :n]
     classes = det["detection_classes"].numpy()[0, :n]
     h, w = ref["image"].shape[:2]
-    probs = paste_masks(det["detection_masks"][0, :n], boxes, h, w, threshold=None,
-                        method=config.model.detection.mask_paste).numpy()
-    masks = probs >= 0.5
+    masks = paste_masks(det["detection_masks"][0, :n], boxes, h, w,
+                        method=config.model.detection.mask_paste).numpy().astype(bool)
     r["detections"] = [int(len(ref["det_scores"])), n]
     ok, idx = _match(ref["det_boxes"], boxes, 1e-2)
     same_class = ok & (classes[idx] == ref["det_classes"])
@@ -334,18 +354,28 @@ def check(ref_path: str) -> dict:
                                              - ref["det_boxes"][same_class]).max())
     r["det_score_max_abs_diff"] = float(np.abs(scores[idx[same_class]]
                                                - ref["det_scores"][same_class]).max())
-    ious, differing, ties = [], 0, 0
-    for j in np.nonzero(same_class)[0]:
+    # The same masks pasted at the reference's boxes: boxes differ by float rounding (1e-3 px),
+    # which moves a steep random mask's probabilities by up to ~1e-3; at the reference's boxes
+    # only the 28x28 probabilities' own difference is left. A differing pixel whose probability
+    # is then within that difference of the threshold is a rounding tie.
+    rows = np.nonzero(same_class)[0]
+    ours28 = tf.gather(det["detection_masks"][0], idx[rows]).numpy()
+    r["mask_probs_max_abs_diff"] = float(np.abs(ours28 - ref["det_mask_probs"][rows]).max())
+    # A pasted probability is a convex combination of 28x28 ones, so it can move by as much.
+    band = max(r["mask_probs_max_abs_diff"], 1e-6)
+    at_ref = paste_masks(tf.gather(det["detection_masks"][0], idx[rows]), ref["det_boxes"][rows],
+                         h, w, threshold=None, method=config.model.detection.mask_paste).numpy()
+    ious, differing, not_ties = [], 0, 0
+    for k, j in enumerate(rows):
         a, b = masks[idx[j]], ref["det_masks"][j]
         union = (a | b).sum()
         ious.append(1.0 if union == 0 else (a & b).sum() / union)
-        flipped = a ^ b
-        differing += int(flipped.sum())
-        # A pixel whose probability is within 1e-5 of the threshold is a rounding tie: float
-        # differences of that size (the logits' tolerance) decide its side in either framework.
-        ties += int((np.abs(probs[idx[j]][flipped] - 0.5) <= 1e-5).sum())
+        differing += int((a ^ b).sum())
+        flipped = (at_ref[k] >= 0.5) ^ b
+        not_ties += int((np.abs(at_ref[k][flipped] - 0.5) > band).sum())
+    r["mask_pixels"] = int(sum(m.sum() for m in ref["det_masks"][rows]))
     r["mask_pixels_differing"] = differing
-    r["mask_pixels_differing_not_ties"] = differing - ties
+    r["mask_pixels_differing_not_ties"] = not_ties
     r["mask_iou_min"] = float(min(ious))
     r["mask_iou_mean"] = float(np.mean(ious))
     return r

@@ -118,10 +118,15 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
         if wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     out = {}
+    # Old torchvision names are renamed in torchvision state dicts only: detectron2's
+    # mask_head.mask_fcnK is today's name there.
+    torchvision = any(str(k).startswith(("backbone.body.", "module.backbone.body."))
+                      for k in state)
     for key, value in state.items():
         key = key[len("module."):] if key.startswith("module.") else key
-        for pattern, repl in _OLD_NAMES:
-            key = pattern.sub(repl, key)
+        if torchvision:
+            for pattern, repl in _OLD_NAMES:
+                key = pattern.sub(repl, key)
         out[key] = _to_numpy(value)
     return out
 

@@ -179,11 +179,9 @@ def reference(out_path: str, small: bool, image_path: str, configs: str, seed: i
 
 # -- the TensorFlow half ------------------------------------------------------------------------
 
-def our_config(small: bool, resnext: bool = False):
-    """configs/detectron2_r50_fpn.yaml (or the X101 one) with score threshold 0 (as on
-    detectron2's side), and the small widths with ``small``."""
-    from mrcnn_tf.config import load_config
-
+def parity_overrides(small: bool, resnext: bool = False) -> list[str]:
+    """Overrides of configs/detectron2_r50_fpn.yaml (or the X101 one) for the parity model:
+    score threshold 0 (as on detectron2's side), and the small widths and sizes with ``small``."""
     s = SMALL
     overrides = ["model.detection.score_threshold=0.0"]
     if small:
@@ -194,7 +192,13 @@ def our_config(small: bool, resnext: bool = False):
                       f"model.preprocess.short_size={s['min_size']}",
                       f"model.preprocess.long_size={s['max_size']}",
                       "data.canvas_long_sides=[224, 288, 320]"]
-    return load_config(CONFIG_X if resnext else CONFIG, overrides)
+    return overrides
+
+
+def our_config(small: bool, resnext: bool = False):
+    from mrcnn_tf.config import load_config
+
+    return load_config(CONFIG_X if resnext else CONFIG, parity_overrides(small, resnext))
 
 
 def main(argv=None) -> int:

@@ -168,6 +168,10 @@ class RoIAlignConfig:
     level_sampling_ratios: tuple[int, ...] | None = opt(None, "optional sampling ratio per level"
                                                         " P2..P5, overriding sampling_ratio", min=0)
     aligned: bool = opt(True, "half-pixel shift (detectron2 default); torchvision uses False")
+    impl: str = opt("crop_and_resize", "tf.image.crop_and_resize per level (the design's"
+                    " choice), or gathers from the flattened pyramid (same numbers, no"
+                    " crop_and_resize or dynamic_partition: XLA compiles it; one fixed sampling"
+                    " ratio)", choices=("crop_and_resize", "gather"))
     canonical_size: float = opt(224.0, "level = floor(canonical_level + log2(sqrt(wh) /"
                                 " canonical_size)) (FPN paper eq. 1)", min=1.0)
     canonical_level: int = opt(4, "level of a canonical-size RoI (FPN paper)", min=2, max=5)
@@ -441,6 +445,9 @@ def _check_consistency(cfg: Config) -> None:
             len(ra.level_sampling_ratios) != ra.max_level - ra.min_level + 1):
         raise ConfigError(f"model.roi_align.level_sampling_ratios needs one entry per level"
                           f" P{ra.min_level}..P{ra.max_level}")
+    if ra.impl == "gather" and (ra.sampling_ratio == 0 or ra.level_sampling_ratios):
+        raise ConfigError("model.roi_align.impl=gather needs one fixed sampling_ratio >= 1 (no"
+                          " adaptive 0, no level_sampling_ratios)")
     if m.rpn.negative_iou > m.rpn.positive_iou:
         raise ConfigError("model.rpn.negative_iou must be <= model.rpn.positive_iou")
     if m.box_head.background_iou > m.box_head.foreground_iou:

@@ -30,7 +30,7 @@ def build_layers(m: ModelConfig) -> dict:
     sampling = list(ra.level_sampling_ratios) if ra.level_sampling_ratios else ra.sampling_ratio
     roi_kwargs = dict(sampling_ratio=sampling, aligned=ra.aligned, min_level=ra.min_level,
                       max_level=ra.max_level, canonical_size=ra.canonical_size,
-                      canonical_level=ra.canonical_level)
+                      canonical_level=ra.canonical_level, impl=ra.impl)
     return {
         "preprocessor": Preprocessor(
             resize=pp.resize, short_size=pp.short_size, long_size=pp.long_size,

@@ -276,6 +276,94 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
     return tf.cast(crops, features.dtype)
 
 
+def _gather_axis(start, length, bins: int, ratio: int, size):
+    """Bilinear neighbours and weights of ``bins * ratio`` evenly spaced samples per RoI along one
+    axis, with torchvision's border rules (see the module docstring).
+
+    Args:
+      start, length: [R] float32, the RoI's start and extent on this axis (map pixels).
+      size: [R] float32, the map's size on this axis for each RoI.
+    Returns:
+      ((low [R, n] int32, w_low [R, n]), (high [R, n] int32, w_high [R, n])).
+    """
+    n = bins * ratio
+    step = length / float(n)
+    pos = start[:, None] + (tf.range(n, dtype=tf.float32)[None, :] + 0.5) * step[:, None]
+    size = size[:, None]
+    inside = tf.cast((pos >= -1.0) & (pos <= size), tf.float32)
+    pos = tf.maximum(pos, 0.0)
+    low = tf.floor(pos)
+    at_edge = low >= size - 1.0
+    low = tf.where(at_edge, size - 1.0, low)
+    frac = tf.where(at_edge, 0.0, pos - low)
+    high = tf.minimum(low + 1.0, size - 1.0)
+    return ((tf.cast(low, tf.int32), (1.0 - frac) * inside),
+            (tf.cast(high, tf.int32), frac * inside))
+
+
+def _gather_pool(flat, base, width, boxes, sizes, output_size, ratio: int, aligned: bool):
+    """RoIAlign by four gathers from a flat [rows, C] map (no crop_and_resize, no dynamic shape:
+    XLA compiles it).
+
+    Args:
+      flat: [M, C] float32, every map's pixels row-major.
+      base: [R] int32, the flat row of each RoI's map's pixel (0, 0).
+      width: [R] int32, its map's width.
+      boxes: [R, 4] in map pixels; sizes: [R, 2] float32 (height, width) of each RoI's map.
+    Returns:
+      [R, out_h, out_w, C] float32.
+    """
+    out_h, out_w = _as_pair(output_size)
+    offset = 0.5 if aligned else 0.0
+    y1, x1, y2, x2 = tf.unstack(boxes - offset, 4, axis=-1)
+    roi_h, roi_w = y2 - y1, x2 - x1
+    if not aligned:
+        roi_h, roi_w = tf.maximum(roi_h, 1.0), tf.maximum(roi_w, 1.0)
+    rows = _gather_axis(y1, roi_h, out_h, ratio, sizes[:, 0])
+    cols = _gather_axis(x1, roi_w, out_w, ratio, sizes[:, 1])
+    total = 0.0
+    for yy, wy in rows:
+        for xx, wx in cols:
+            index = (base[:, None, None] + yy[:, :, None] * width[:, None, None]
+                     + xx[:, None, :])
+            weight = wy[:, :, None] * wx[:, None, :]
+            total += tf.gather(flat, index) * weight[..., None]
+    if ratio > 1:
+        total = tf.nn.avg_pool2d(total, ratio, ratio, "VALID")
+    return total
+
+
+def roi_align_gather_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor,
+                          output_size, sampling_ratio: int = 2, aligned: bool = True
+                          ) -> tf.Tensor:
+    """:func:`roi_align_flat`'s numbers by gathers instead of ``crop_and_resize`` (which XLA,
+    hence TPUs and ``jit_compile``, cannot compile). Memory: four [R, out * ratio, out * ratio,
+    C] gathers, where crop_and_resize holds one.
+
+    Args:
+      features: [N_img, H, W, C]; boxes: [R, 4] in map pixels; box_indices: [R] int32;
+      output_size: int or (out_h, out_w); sampling_ratio: >= 1 (adaptive sampling has no static
+      number of samples); aligned: as :func:`roi_align_flat`.
+    Returns:
+      [R, out_h, out_w, C] in the features' dtype.
+    """
+    if int(sampling_ratio) < 1:
+        raise ValueError(f"roi_align (gather): sampling_ratio must be >= 1, got "
+                         f"{sampling_ratio}; adaptive sampling needs the crop_and_resize "
+                         "implementation")
+    image = tf.cast(features, tf.float32)
+    shape = tf.shape(image)
+    height, width = shape[1], shape[2]
+    flat = tf.reshape(image, tf.stack([-1, shape[3]]))
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    r = tf.shape(boxes)[0]
+    base = tf.cast(box_indices, tf.int32) * height * width
+    sizes = tf.cast(tf.tile(tf.stack([height, width])[None], [r, 1]), tf.float32)
+    out = _gather_pool(flat, base, tf.fill([r], width), boxes, sizes, output_size,
+                       int(sampling_ratio), aligned)
+    return tf.cast(out, features.dtype)
+
+
 def roi_align(features: tf.Tensor, boxes: tf.Tensor, output_size, spatial_scale: float = 1.0,
               sampling_ratio: int = 2, aligned: bool = True) -> tf.Tensor:
     """RoIAlign over a batch, boxes given per image.
@@ -341,7 +429,8 @@ def _per_level(value, levels, name):
 
 def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampling_ratio=2,
                          aligned: bool = True, min_level: int = 2, max_level: int = 5,
-                         canonical_size: float = 224.0, canonical_level: int = 4) -> tf.Tensor:
+                         canonical_size: float = 224.0, canonical_level: int = 4,
+                         impl: str = "crop_and_resize") -> tf.Tensor:
     """Pools each RoI from the one FPN level its size selects.
 
     Args:
@@ -352,11 +441,17 @@ def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampl
       sampling_ratio: one int for all levels, or a sequence / {level: int} per level (the user's
         notes ask whether a level-dependent number of samples helps).
       aligned, canonical_size, canonical_level: see :func:`roi_align` and :func:`roi_levels`.
+      impl: ``crop_and_resize`` (the default): RoIs are partitioned by level
+        (``tf.dynamic_partition``), each part is pooled from its level with crop_and_resize and
+        the results are stitched back in order. ``gather``: every RoI is pooled by gathers from
+        the levels' maps flattened into one (no crop_and_resize, no dynamic shape: XLA compiles
+        it); the same numbers, one sampling ratio for all levels.
     Returns:
-      [B, N, out_h, out_w, C]. RoIs are partitioned by level (``tf.dynamic_partition``), each part
-      is pooled from its level only, and the results are stitched back in order, so the cost is
-      that of pooling every RoI once.
+      [B, N, out_h, out_w, C]. Either way every RoI is pooled once.
     """
+    if impl not in ("crop_and_resize", "gather"):
+        raise ValueError(f"multilevel_roi_align: impl must be 'crop_and_resize' or 'gather', got "
+                         f"{impl!r}")
     levels = list(range(min_level, max_level + 1))
     missing = [lv for lv in levels if lv not in features_by_level]
     if missing:
@@ -369,6 +464,9 @@ def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampl
     image_index = tf.repeat(tf.range(batch), n)
     level = roi_levels(flat, min_level, max_level, canonical_size, canonical_level)
     level_index = level - min_level
+    if impl == "gather":
+        return _multilevel_gather(features_by_level, levels, flat, image_index, level_index,
+                                  ratios, output_size, aligned, batch, n)
     positions = tf.range(tf.shape(flat)[0])
 
     part_boxes = tf.dynamic_partition(flat, level_index, len(levels))
@@ -383,3 +481,29 @@ def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampl
     out_h, out_w = _as_pair(output_size)
     channels = features_by_level[levels[0]].shape[-1]
     return tf.reshape(out, [batch, n, out_h, out_w, channels])
+
+
+def _multilevel_gather(features_by_level, levels, boxes, image_index, level_index, ratios,
+                       output_size, aligned, batch, n):
+    """The ``gather`` path of :func:`multilevel_roi_align`: the levels' maps flattened into one
+    [sum_l B * H_l * W_l, C] tensor; each RoI reads its level through its own base row, width,
+    size and scale."""
+    if len(set(ratios)) != 1:
+        raise ValueError("multilevel_roi_align (gather): one sampling ratio for all levels")
+    maps = [tf.cast(features_by_level[lv], tf.float32) for lv in levels]
+    channels = maps[0].shape[-1]
+    heights = tf.stack([tf.shape(m)[1] for m in maps])
+    widths = tf.stack([tf.shape(m)[2] for m in maps])
+    counts = tf.stack([tf.size(m) // tf.shape(m)[3] for m in maps])
+    starts = tf.concat([[0], tf.cumsum(counts)[:-1]], 0)
+    flat = tf.concat([tf.reshape(m, tf.stack([-1, tf.shape(m)[3]])) for m in maps], 0)
+    h = tf.gather(heights, level_index)
+    w = tf.gather(widths, level_index)
+    base = tf.gather(starts, level_index) + image_index * h * w
+    scale = tf.pow(2.0, -tf.cast(level_index + levels[0], tf.float32))
+    sizes = tf.cast(tf.stack([h, w], axis=-1), tf.float32)
+    out = _gather_pool(flat, base, w, boxes * scale[:, None], sizes, output_size, ratios[0],
+                       aligned)
+    out_h, out_w = _as_pair(output_size)
+    dtype = features_by_level[levels[0]].dtype
+    return tf.cast(tf.reshape(out, [batch, n, out_h, out_w, channels]), dtype)

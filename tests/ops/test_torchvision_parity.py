@@ -12,7 +12,7 @@ from mrcnn_tf.ops.anchors import multilevel_anchors
 from mrcnn_tf.ops.box_coder import BoxCoder
 from mrcnn_tf.ops.masks import paste_masks, roi_align_masks
 from mrcnn_tf.ops.nms import non_max_suppression
-from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align_flat
+from mrcnn_tf.ops.roi_align import multilevel_roi_align, roi_align_flat, roi_align_gather_flat
 from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "torchvision_ops.npz"
@@ -23,11 +23,14 @@ def tv():
     return dict(np.load(FIXTURE))
 
 
+@pytest.mark.parametrize("impl", ["crop_and_resize", "gather"])
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("ratio", [1, 2, 3])
-def test_roi_align_equals_torchvision(tv, aligned, ratio):
-    out = roi_align_flat(tv["roi_features"], tv["roi_boxes"] * 0.5, tv["roi_batch"], (5, 4),
-                         ratio, aligned).numpy()
+def test_roi_align_equals_torchvision(tv, aligned, ratio, impl):
+    """Both implementations (model.roi_align.impl), RoIs inside, across and outside the map."""
+    pool = roi_align_flat if impl == "crop_and_resize" else roi_align_gather_flat
+    out = pool(tv["roi_features"], tv["roi_boxes"] * 0.5, tv["roi_batch"], (5, 4), ratio,
+               aligned).numpy()
     ref = tv[f"roi_out_{int(aligned)}_{ratio}"]
     assert np.abs(ref).max() > 0.5 and (np.abs(ref).max(axis=(1, 2, 3)) == 0).any()
     diff = np.abs(out - ref).max()
@@ -48,9 +51,11 @@ def test_adaptive_roi_align_equals_torchvision(tv, aligned):
     assert diff <= 1e-5
 
 
-def test_multiscale_roi_align_equals_torchvision(tv):
+@pytest.mark.parametrize("impl", ["crop_and_resize", "gather"])
+def test_multiscale_roi_align_equals_torchvision(tv, impl):
     feats = {lv: tv[f"ms_p{lv}"] for lv in range(2, 6)}
-    out = multilevel_roi_align(feats, tv["ms_boxes"][None], 7, sampling_ratio=2, aligned=False)
+    out = multilevel_roi_align(feats, tv["ms_boxes"][None], 7, sampling_ratio=2, aligned=False,
+                               impl=impl)
     diff = np.abs(out.numpy()[0] - tv["ms_out"]).max()
     print(f"MultiScaleRoIAlign: max |ours - torchvision| = {diff:.2e}")
     assert diff <= 1e-5

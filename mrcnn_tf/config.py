@@ -282,6 +282,9 @@ class ModelConfig:
     mask_head: MaskHeadConfig = section(MaskHeadConfig)
     detection: DetectionConfig = section(DetectionConfig)
     preprocess: PreprocessConfig = section(PreprocessConfig)
+    nms_impl: str = opt("tf", "proposal and detection NMS: TensorFlow's kernels, or the same"
+                        " greedy rule on static shapes (top_k, IoU rows, a while loop), which"
+                        " XLA compiles", choices=("tf", "static"))
 
 
 # ----------------------------------------------------------------------------------------------

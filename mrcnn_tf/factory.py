@@ -50,7 +50,8 @@ def build_layers(m: ModelConfig) -> dict:
             pre_nms_topk_test=rpn.pre_nms_topk_test, post_nms_topk_test=rpn.post_nms_topk_test,
             nms_threshold=rpn.nms_threshold, nms_per_level=rpn.nms_per_level,
             min_box_size=rpn.min_box_size, score_threshold=rpn.score_threshold,
-            box_coder_weights=rpn.box_coder_weights, name="proposal_generator"),
+            box_coder_weights=rpn.box_coder_weights, nms_impl=m.nms_impl,
+            name="proposal_generator"),
         "box_roi_align": MultilevelRoIAlign(ra.box_output_size, name="box_roi_align",
                                             **roi_kwargs),
         "box_head": BoxHead(m.num_classes, head_type=bh.type, fc_dim=bh.fc_dim,
@@ -65,7 +66,8 @@ def build_layers(m: ModelConfig) -> dict:
         "detection_generator": DetectionGenerator(
             score_threshold=det.score_threshold, nms_threshold=det.nms_threshold,
             max_detections=det.max_detections, min_box_size=det.min_box_size,
-            box_coder_weights=bh.box_coder_weights, name="detection_generator"),
+            box_coder_weights=bh.box_coder_weights, nms_impl=m.nms_impl,
+            name="detection_generator"),
     }
 
 

@@ -366,17 +366,21 @@ def test_keras_applications_backbone_weights_take_rgb_images(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1.0, np.abs(theirs).max()))
 
 
-def test_gather_roi_align_gives_the_same_detections(state):
-    """model.roi_align.impl=gather (no crop_and_resize, for XLA) in the whole model: the
-    converted small torchvision model's 100 detections and masks are unchanged."""
+@pytest.mark.parametrize("overrides", [["model.roi_align.impl=gather"],
+                                       ["model.nms_impl=static"],
+                                       ["model.roi_align.impl=gather", "model.nms_impl=static"]])
+def test_xla_compilable_ops_give_the_same_detections(state, overrides):
+    """model.roi_align.impl=gather and model.nms_impl=static (the ops XLA compiles) in the
+    whole model: the converted small torchvision model's 100 detections and masks are
+    unchanged."""
     from mrcnn_tf.config import load_config
 
     with np.load(FIXTURE) as f:
         image, ref_classes = f["image"][None], f["det_classes"]
     outs = []
-    for impl in ("crop_and_resize", "gather"):
+    for extra in ([], overrides):
         config = load_config(REPO / "configs" / "torchvision_r50_fpn.yaml",
-                             tp.parity_overrides(small=True) + [f"model.roi_align.impl={impl}"])
+                             tp.parity_overrides(small=True) + extra)
         model = build_model(config)
         load_torchvision(model, state)
         outs.append({k: v.numpy()[0] for k, v in model(image).items()})

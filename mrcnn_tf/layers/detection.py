@@ -25,7 +25,8 @@ class DetectionGenerator(keras.layers.Layer):
     """
 
     def __init__(self, score_threshold=0.05, nms_threshold=0.5, max_detections=100,
-                 min_box_size=1e-2, box_coder_weights=(10.0, 10.0, 5.0, 5.0), **kwargs):
+                 min_box_size=1e-2, box_coder_weights=(10.0, 10.0, 5.0, 5.0), nms_impl="tf",
+                 **kwargs):
         # Boxes and sizes must not be cast to a mixed-precision compute dtype.
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
@@ -33,6 +34,7 @@ class DetectionGenerator(keras.layers.Layer):
         self.max_detections, self.min_box_size = int(max_detections), float(min_box_size)
         self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
         self.coder = BoxCoder(self.box_coder_weights)
+        self.nms_impl = nms_impl
 
     def call(self, class_logits, box_deltas, proposals, valid, image_sizes):
         scores = tf.nn.softmax(tf.cast(class_logits, tf.float32), axis=-1)[..., 1:]
@@ -47,7 +49,7 @@ class DetectionGenerator(keras.layers.Layer):
         keep = (h >= self.min_box_size) & (w >= self.min_box_size) & valid[:, :, None]
         keep = tf.broadcast_to(keep, tf.shape(scores))
         out = multiclass_nms(boxes, scores, self.max_detections, self.nms_threshold,
-                             self.score_threshold, valid=keep)
+                             self.score_threshold, valid=keep, impl=self.nms_impl)
         num = out["num_detections"]
         real = tf.range(self.max_detections)[None, :] < num[:, None]
         out["detection_classes"] = tf.where(real, out["detection_classes"] + 1, 0)
@@ -64,4 +66,4 @@ class DetectionGenerator(keras.layers.Layer):
         return {**super().get_config(), "score_threshold": self.score_threshold,
                 "nms_threshold": self.nms_threshold, "max_detections": self.max_detections,
                 "min_box_size": self.min_box_size,
-                "box_coder_weights": list(self.box_coder_weights)}
+                "box_coder_weights": list(self.box_coder_weights), "nms_impl": self.nms_impl}

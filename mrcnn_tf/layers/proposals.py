@@ -38,7 +38,7 @@ class ProposalGenerator(keras.layers.Layer):
     def __init__(self, pre_nms_topk_train=2000, post_nms_topk_train=1000, pre_nms_topk_test=1000,
                  post_nms_topk_test=1000, nms_threshold=0.7, nms_per_level=True,
                  min_box_size=1e-3, score_threshold=0.0, box_coder_weights=(1.0, 1.0, 1.0, 1.0),
-                 **kwargs):
+                 nms_impl="tf", **kwargs):
         # Boxes and sizes must not be cast to a mixed-precision compute dtype.
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
@@ -48,6 +48,7 @@ class ProposalGenerator(keras.layers.Layer):
         self.min_box_size, self.score_threshold = float(min_box_size), float(score_threshold)
         self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
         self.coder = BoxCoder(self.box_coder_weights)
+        self.nms_impl = nms_impl
 
     def call(self, objectness, deltas, anchors, image_sizes, training=None):
         pre = self.pre_nms_topk_train if training else self.pre_nms_topk_test
@@ -57,7 +58,8 @@ class ProposalGenerator(keras.layers.Layer):
         for logits, dl, anc in zip(objectness, deltas, anchors):
             # Rank by logit as torchvision does: probabilities saturate to 1.0 and tie.
             fg_logits = tf.stop_gradient(objectness_logits(logits))
-            k = tf.minimum(pre, tf.shape(fg_logits)[1])
+            n = fg_logits.shape[1]  # static when the input size is (a static k: static NMS)
+            k = min(pre, n) if n is not None else tf.minimum(pre, tf.shape(fg_logits)[1])
             top = tf.math.top_k(fg_logits, k=k, sorted=True)
             probs = tf.sigmoid(top.values)
             d = tf.gather(tf.stop_gradient(tf.cast(dl, tf.float32)), top.indices, batch_dims=1)
@@ -73,7 +75,7 @@ class ProposalGenerator(keras.layers.Layer):
             scores_l.append(probs)
             valid_l.append(valid)
         out = proposal_nms(boxes_l, scores_l, valid_l, post, self.nms_threshold,
-                           per_level=self.nms_per_level)
+                           per_level=self.nms_per_level, impl=self.nms_impl)
         return {"boxes": out["boxes"],
                 "scores": tf.where(out["valid"], out["scores"], 0.0),
                 "valid": out["valid"]}
@@ -92,4 +94,4 @@ class ProposalGenerator(keras.layers.Layer):
                 "post_nms_topk_test": self.post_nms_topk_test,
                 "nms_threshold": self.nms_threshold, "nms_per_level": self.nms_per_level,
                 "min_box_size": self.min_box_size, "score_threshold": self.score_threshold,
-                "box_coder_weights": list(self.box_coder_weights)}
+                "box_coder_weights": list(self.box_coder_weights), "nms_impl": self.nms_impl}

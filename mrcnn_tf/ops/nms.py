@@ -3,6 +3,11 @@
 Greedy NMS exactly as torchvision's ``nms``: highest score first, a box is suppressed when its IoU
 with a kept box is strictly greater than the threshold (IoU exactly at the threshold survives).
 Outputs always have the requested size; ``valid`` / ``num_*`` say how many rows are real.
+
+Two implementations keep the same boxes (``impl``): ``tf`` uses TensorFlow's NMS kernels
+(NonMaxSuppressionV5, CombinedNonMaxSuppression), ``static`` is the same greedy rule written with
+top_k, IoU rows and a while loop over the ranked boxes, on static shapes, which XLA compiles
+(TensorFlow's NMS kernels have no XLA kernel).
 """
 
 from __future__ import annotations
@@ -13,8 +18,82 @@ import tensorflow as tf
 INVALID_SCORE = -1e30
 
 
+def _iou_rows(box, boxes):
+    """IoU of ``box`` [..., 4] with each of ``boxes`` [..., N, 4] -> [..., N]; 0 for an empty
+    union (torchvision's NaN, which never suppresses)."""
+    box = box[..., None, :]
+    y1 = tf.maximum(box[..., 0], boxes[..., 0])
+    x1 = tf.maximum(box[..., 1], boxes[..., 1])
+    y2 = tf.minimum(box[..., 2], boxes[..., 2])
+    x2 = tf.minimum(box[..., 3], boxes[..., 3])
+    inter = tf.maximum(y2 - y1, 0.0) * tf.maximum(x2 - x1, 0.0)
+
+    def area(b):
+        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+    return tf.math.divide_no_nan(inter, area(box) + area(boxes) - inter)
+
+
+# A graph function even when called eagerly: an eager while_loop runs its body in Python.
+@tf.function(reduce_retracing=True)
+def _greedy_keep(ranked_boxes, alive, iou_threshold: float):
+    """Greedy NMS over boxes already in decreasing score order: ``alive`` [..., N] bool, boxes
+    [..., N, 4]. Box i, if still kept when its turn comes, suppresses every later box whose IoU
+    with it is > ``iou_threshold``. Returns the kept mask [..., N]."""
+    n = tf.shape(ranked_boxes)[-2]  # a constant wherever XLA compiles the loop
+    later = tf.range(n)
+
+    def body(i, keep):
+        iou = _iou_rows(tf.gather(ranked_boxes, i, axis=-2), ranked_boxes)
+        suppress = (iou > iou_threshold) & (later > i) & tf.gather(keep, [i], axis=-1)
+        return i + 1, keep & ~suppress
+
+    _, keep = tf.while_loop(lambda i, keep: i < n, body, (tf.constant(0), alive),
+                            maximum_iterations=n)
+    return keep
+
+
+def _first_kept(keep, k: int):
+    """Positions [..., k] of the first ``k`` True entries of ``keep`` [..., N] (in order) and
+    whether each is real."""
+    n = keep.shape[-1]
+    rank = tf.where(keep, n - tf.range(n), 0)  # earlier positions rank higher
+    k_eff = min(k, n)
+    top = tf.math.top_k(rank, k_eff)
+    pos, real = n - top.values, top.values > 0
+    if k > k_eff:
+        pad = [[0, 0]] * (len(keep.shape) - 1) + [[0, k - k_eff]]
+        pos, real = tf.pad(pos, pad), tf.pad(real, pad)
+    return tf.where(real, pos, 0), real
+
+
+def non_max_suppression_static(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: int,
+                               iou_threshold: float, valid: tf.Tensor | None = None) -> dict:
+    """:func:`non_max_suppression`'s result on static shapes, which XLA compiles: boxes ranked
+    by ``top_k`` (ties: lower index first), then the greedy loop. N must be static."""
+    boxes = tf.cast(boxes, tf.float32)
+    scores = tf.cast(scores, tf.float32)
+    if valid is not None:
+        scores = tf.where(valid, scores, INVALID_SCORE)
+    n = boxes.shape[1]
+    if n is None:
+        raise ValueError("non_max_suppression_static: the number of boxes must be static")
+    if n == 0:
+        zeros = tf.zeros(tf.stack([tf.shape(boxes)[0], max_output_size]), tf.int32)
+        return {"indices": zeros, "valid": tf.cast(zeros, tf.bool),
+                "num_valid": tf.zeros(tf.shape(boxes)[:1], tf.int32)}
+    ranked = tf.math.top_k(scores, n)
+    ranked_boxes = tf.gather(boxes, ranked.indices, batch_dims=1)
+    keep = _greedy_keep(ranked_boxes, ranked.values > INVALID_SCORE / 2, iou_threshold)
+    pos, real = _first_kept(keep, max_output_size)
+    indices = tf.gather(ranked.indices, pos, batch_dims=1)
+    return {"indices": tf.where(real, indices, 0), "valid": real,
+            "num_valid": tf.reduce_sum(tf.cast(real, tf.int32), axis=1)}
+
+
 def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: int,
-                        iou_threshold: float, valid: tf.Tensor | None = None) -> dict:
+                        iou_threshold: float, valid: tf.Tensor | None = None,
+                        impl: str = "tf") -> dict:
     """Per-image greedy NMS over a batch.
 
     Args:
@@ -23,10 +102,15 @@ def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: in
       max_output_size: K rows kept per image at most.
       iou_threshold: suppress boxes whose IoU with a kept box is > this.
       valid: optional [B, N] bool; False rows are never kept.
+      impl: "tf" (NonMaxSuppressionV5) or "static" (:func:`non_max_suppression_static`).
     Returns:
       dict with ``indices`` [B, K] int32 into N in decreasing score order (0 where invalid),
       ``valid`` [B, K] bool, ``num_valid`` [B] int32.
     """
+    if impl == "static":
+        return non_max_suppression_static(boxes, scores, max_output_size, iou_threshold, valid)
+    if impl != "tf":
+        raise ValueError(f"non_max_suppression: impl must be 'tf' or 'static', got {impl!r}")
     boxes = tf.cast(boxes, tf.float32)
     scores = tf.cast(scores, tf.float32)
     if valid is not None:
@@ -47,7 +131,7 @@ def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: in
 
 
 def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_size: int,
-                 iou_threshold: float, per_level: bool = True) -> dict:
+                 iou_threshold: float, per_level: bool = True, impl: str = "tf") -> dict:
     """NMS of RPN proposals, within each level (torchvision, detectron2) or across all levels.
 
     Per level: NMS runs on each level independently, then the survivors of all levels are ranked
@@ -58,6 +142,7 @@ def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_siz
       boxes_by_level: list of [B, K_l, 4]; scores_by_level: list of [B, K_l];
       valid_by_level: list of [B, K_l] bool.
       max_output_size: P proposals per image.
+      impl: see :func:`non_max_suppression`.
     Returns:
       dict with ``boxes`` [B, P, 4], ``scores`` [B, P] (INVALID_SCORE where invalid),
       ``valid`` [B, P] bool, ``level_index`` [B, P] int32 (position in the input lists), sorted by
@@ -67,7 +152,7 @@ def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_siz
         cand_boxes, cand_scores, cand_valid, cand_levels = [], [], [], []
         for i, (b, s, v) in enumerate(zip(boxes_by_level, scores_by_level, valid_by_level)):
             k = min(max_output_size, b.shape[1]) if b.shape[1] is not None else max_output_size
-            kept = non_max_suppression(b, s, k, iou_threshold, v)
+            kept = non_max_suppression(b, s, k, iou_threshold, v, impl)
             cand_boxes.append(tf.gather(b, kept["indices"], batch_dims=1))
             cand_scores.append(tf.where(kept["valid"], tf.gather(s, kept["indices"], batch_dims=1),
                                         INVALID_SCORE))
@@ -84,7 +169,7 @@ def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_siz
         scores = tf.where(tf.concat(list(valid_by_level), axis=1),
                           tf.concat(list(scores_by_level), axis=1), INVALID_SCORE)
         levels = tf.concat([tf.fill(tf.shape(s), i) for i, s in enumerate(scores_by_level)], 1)
-        kept = non_max_suppression(boxes, scores, max_output_size, iou_threshold)
+        kept = non_max_suppression(boxes, scores, max_output_size, iou_threshold, impl=impl)
         order, valid = kept["indices"], kept["valid"]
     out_scores = tf.where(valid, tf.gather(scores, order, batch_dims=1), INVALID_SCORE)
     out_boxes = tf.where(valid[..., None], tf.gather(boxes, order, batch_dims=1), 0.0)
@@ -105,8 +190,8 @@ def _top_k_padded(scores, k):
 
 
 def multiclass_nms(boxes: tf.Tensor, scores: tf.Tensor, max_detections: int,
-                   iou_threshold: float, score_threshold: float, valid: tf.Tensor | None = None
-                   ) -> dict:
+                   iou_threshold: float, score_threshold: float, valid: tf.Tensor | None = None,
+                   impl: str = "tf") -> dict:
     """Per-class NMS then the top ``max_detections`` over all classes (detection post-processing).
 
     Same result as torchvision's ``postprocess_detections`` after its score and size filters:
@@ -117,6 +202,8 @@ def multiclass_nms(boxes: tf.Tensor, scores: tf.Tensor, max_detections: int,
       boxes: [B, N, C, 4] class-specific boxes, or [B, N, 1, 4] shared by all classes.
       scores: [B, N, C] (no background column).
       valid: optional [B, N, C] bool; False pairs are never kept (e.g. boxes too small).
+      impl: "tf" (CombinedNonMaxSuppression) or "static" (the greedy loop run for all classes
+        at once, each class over its own ranking; XLA compiles it).
     Returns:
       dict with ``detection_boxes`` [B, D, 4], ``detection_scores`` [B, D],
       ``detection_classes`` [B, D] int32 in 0..C-1 (column of ``scores``),
@@ -126,6 +213,11 @@ def multiclass_nms(boxes: tf.Tensor, scores: tf.Tensor, max_detections: int,
     if valid is not None:
         scores = tf.where(valid, scores, 0.0)
         score_threshold = max(float(score_threshold), 0.0)
+    if impl == "static":
+        return _multiclass_nms_static(tf.cast(boxes, tf.float32), scores, max_detections,
+                                      iou_threshold, score_threshold)
+    if impl != "tf":
+        raise ValueError(f"multiclass_nms: impl must be 'tf' or 'static', got {impl!r}")
     out = tf.image.combined_non_max_suppression(
         tf.cast(boxes, tf.float32), scores, max_output_size_per_class=max_detections,
         max_total_size=max_detections, iou_threshold=iou_threshold,
@@ -138,3 +230,37 @@ def multiclass_nms(boxes: tf.Tensor, scores: tf.Tensor, max_detections: int,
         "detection_classes": tf.where(keep, tf.cast(out.nmsed_classes, tf.int32), 0),
         "num_detections": tf.cast(num, tf.int32),
     }
+
+
+def _multiclass_nms_static(boxes, scores, max_detections: int, iou_threshold: float,
+                           score_threshold: float) -> dict:
+    """:func:`multiclass_nms` on static shapes: each class ranks its own candidates (score >
+    ``score_threshold``), the greedy loop runs over rank i of every class at once, and the best
+    ``max_detections`` survivors over all classes are kept."""
+    n, c = scores.shape[1], scores.shape[2]
+    if n is None or c is None:
+        raise ValueError("multiclass_nms (static): the number of boxes and classes must be "
+                         "static")
+    per_class = tf.transpose(scores, [0, 2, 1])  # [B, C, N]
+    class_boxes = tf.transpose(tf.broadcast_to(boxes, tf.concat([tf.shape(scores), [4]], 0)),
+                               [0, 2, 1, 3])  # [B, C, N, 4]
+    ranked = tf.math.top_k(per_class, n)
+    ranked_boxes = tf.gather(class_boxes, ranked.indices, batch_dims=2)
+    keep = _greedy_keep(ranked_boxes, ranked.values > score_threshold, iou_threshold)
+    kept_scores = tf.reshape(tf.where(keep, ranked.values, -1.0), tf.stack([-1, c * n]))
+    top = tf.math.top_k(kept_scores, min(max_detections, c * n))
+    real = top.values >= 0.0
+    classes = top.indices // n
+    boxes_out = tf.gather(tf.reshape(ranked_boxes, tf.stack([-1, c * n, 4])), top.indices,
+                          batch_dims=1)
+    pad = max_detections - min(max_detections, c * n)
+    out = {
+        "detection_boxes": tf.where(real[..., None], boxes_out, 0.0),
+        "detection_scores": tf.where(real, top.values, 0.0),
+        "detection_classes": tf.where(real, classes, 0),
+        "num_detections": tf.reduce_sum(tf.cast(real, tf.int32), axis=1),
+    }
+    if pad:
+        out = {k: (tf.pad(v, [[0, 0], [0, pad]] + [[0, 0]] * (len(v.shape) - 2))
+                   if k != "num_detections" else v) for k, v in out.items()}
+    return out

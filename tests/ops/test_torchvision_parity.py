@@ -68,10 +68,12 @@ def test_anchors_equal_torchvision(tv):
                                   tv["anchors"])
 
 
+@pytest.mark.parametrize("impl", ["tf", "static"])
 @pytest.mark.parametrize("threshold", [0.5, 0.7])
-def test_nms_equals_torchvision(tv, threshold):
+def test_nms_equals_torchvision(tv, threshold, impl):
     keep = tv[f"nms_keep_{threshold}"]
-    out = non_max_suppression(tv["nms_boxes"][None], tv["nms_scores"][None], 300, threshold)
+    out = non_max_suppression(tv["nms_boxes"][None], tv["nms_scores"][None], 300, threshold,
+                              impl=impl)
     n = int(out["num_valid"][0])
     np.testing.assert_array_equal(out["indices"].numpy()[0, :n], keep)
 

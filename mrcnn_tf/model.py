@@ -80,7 +80,9 @@ class MaskRCNN(keras.Model):
     def call(self, inputs, training=False):
         images, image_sizes = _unpack(inputs)
         original_sizes = self._original_sizes(images, image_sizes)
-        pre = self.preprocessor(images, original_sizes)
+        # Without image_sizes every image fills the tensor: the preprocessor resizes the batch at
+        # once.
+        pre = self.preprocessor(images, image_sizes)
         features = self.fpn(self.backbone(pre["images"], training=training), training=training)
         rpn = self.rpn_head(features, training=training)
         anchors = self.anchors(features, tf.shape(pre["images"])[1:3])

@@ -255,8 +255,11 @@ class ServingModule(tf.Module):
                 "errors": errors,
                 key: masks}
 
-    def _detect(self, images, sizes, errors, ok):
-        det = self.model({"images": images, "image_sizes": sizes}, training=False)
+    def _detect(self, images, sizes, errors, ok, uniform: bool = False):
+        """``uniform``: every image fills ``images`` (sizes are its size), so the model is
+        called without image sizes (one batched resize; the ONNX export's path)."""
+        inputs = images if uniform else {"images": images, "image_sizes": sizes}
+        det = self.model(inputs, training=False)
         # Detections come sorted by score: keeping the first D keeps the best D.
         det = {k: v if k == "num_detections" else v[:, : self.max_detections]
                for k, v in det.items()}

@@ -6,6 +6,10 @@
         --config configs/shapes.yaml --output exports/shapes --version 3 \
         --input_type image_tensor,image_bytes,tf_example --max_detections 100 --mask_output full
 
+``--format onnx`` writes OUTPUT/N/model.onnx (and labels.json) instead: the image_tensor path
+converted by tf2onnx (``pip install -e ".[export]"``; see mrcnn_tf/export_onnx.py), with
+``model.nms_impl=static`` and ``--mask_output`` box (the default there) or full.
+
 --model_dir takes the run's config.json, labels.json and latest checkpoint. With --checkpoint the
 labels come from the config's eval source (the COCO annotation file, or the synthetic classes).
 --input_type, --max_detections, --mask_output and --max_image_pixels default to the config's
@@ -41,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_image_pixels", type=int, default=None,
                    help="refuse encoded images with more pixels (default: "
                         "export.max_image_pixels)")
+    p.add_argument("--format", default="saved_model", choices=("saved_model", "onnx"),
+                   help="a TF Serving SavedModel, or an ONNX model (needs the export extra)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
     quiet()
@@ -51,6 +57,9 @@ def main(argv=None) -> int:
     from mrcnn_tf.serving import export_saved_model, next_version, serving_options
 
     overrides = list(args.set)
+    if args.format == "onnx":
+        if args.mask_output is None:
+            overrides.append("export.mask_output=box")
     if args.max_detections is not None:
         overrides.append(f"export.max_detections={args.max_detections}")
     if args.mask_output is not None:
@@ -79,6 +88,13 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.format == "onnx":
+        # The same detections (tests/ops/test_nms.py); tf2onnx converts it. Not a --set
+        # override: a run directory's model section is fixed, and this changes no number.
+        import dataclasses
+
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                       nms_impl="static"))
     options = serving_options(config)
     input_types = options["input_types"]
     model = build_model(config)
@@ -89,6 +105,20 @@ def main(argv=None) -> int:
         print(f"error: {export_dir} exists; choose another --version", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.format == "onnx":
+        from mrcnn_tf.export_onnx import export_onnx
+
+        options.pop("input_types")
+        options.pop("max_image_pixels")
+        try:
+            path = export_onnx(model, ids, names, os.path.join(export_dir, "model.onnx"),
+                               **options)
+        except (ValueError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"exported {checkpoint} to {path} (ONNX opset 17, images uint8 [B, H, W, 3]; "
+              f"masks: {options['mask_output']}) in {time.time() - t0:.1f} s")
+        return 0
     try:
         export_saved_model(model, ids, names, export_dir, **options)
     except ValueError as e:

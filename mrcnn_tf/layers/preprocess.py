@@ -64,8 +64,11 @@ class Preprocessor(keras.layers.Layer):
 
     def call(self, images, image_sizes=None, resize=True):
         """``resize=False``: images are already at the model's scale (the training pipeline
-        resized them, with scale jitter); only normalise and pad to ``size_divisibility``."""
+        resized them, with scale jitter); only normalise and pad to ``size_divisibility``.
+        Without ``image_sizes`` every image fills the tensor, and the batch is resized in one op
+        (the same numbers as one image at a time; no loop, which ONNX converters need)."""
         shape = tf.shape(images)
+        uniform = image_sizes is None
         if image_sizes is None:
             image_sizes = tf.tile(shape[None, 1:3], [shape[0], 1])
         image_sizes = tf.cast(image_sizes, tf.int32)
@@ -85,8 +88,17 @@ class Preprocessor(keras.layers.Layer):
             return tf.pad(image, [[0, canvas[0] - new[0]], [0, canvas[1] - new[1]], [0, 0]])
 
         channels = images.shape[-1]
-        out = tf.map_fn(one, (images, image_sizes, new_sizes),
-                        fn_output_signature=tf.TensorSpec([None, None, channels], tf.float32))
+        if uniform:
+            # The size from the tensor's own shape, not a row of new_sizes: tf2onnx loses the
+            # length of a size gathered from a tiled [B, 2] tensor.
+            new = resized_sizes(shape[None, 1:3], self.resize, self.short_size, self.long_size,
+                                self.square_size)[0][0]
+            out = tf.image.resize(self._normalize(images), new, method="bilinear")
+            out = tf.pad(out, [[0, 0], [0, canvas[0] - new[0]], [0, canvas[1] - new[1]], [0, 0]])
+        else:
+            out = tf.map_fn(one, (images, image_sizes, new_sizes),
+                            fn_output_signature=tf.TensorSpec([None, None, channels],
+                                                              tf.float32))
         if self.resize == "square":
             side = -(-self.square_size // d) * d
             out = tf.ensure_shape(out, [None, side, side, channels])

@@ -34,59 +34,63 @@ def _iou_rows(box, boxes):
     return tf.math.divide_no_nan(inter, area(box) + area(boxes) - inter)
 
 
-# A graph function even when called eagerly: an eager while_loop runs its body in Python.
-@tf.function(reduce_retracing=True)
 def _greedy_keep(ranked_boxes, alive, iou_threshold: float):
+    """See :func:`_greedy_loop`; called eagerly, it runs as a graph function (an eager
+    while_loop runs its body in Python, once per box)."""
+    if tf.executing_eagerly():
+        return _greedy_loop_graph(ranked_boxes, alive, iou_threshold)
+    return _greedy_loop(ranked_boxes, alive, iou_threshold)
+
+
+def _greedy_loop(ranked_boxes, alive, iou_threshold: float):
     """Greedy NMS over boxes already in decreasing score order: ``alive`` [..., N] bool, boxes
     [..., N, 4]. Box i, if still kept when its turn comes, suppresses every later box whose IoU
     with it is > ``iou_threshold``. Returns the kept mask [..., N]."""
     n = tf.shape(ranked_boxes)[-2]  # a constant wherever XLA compiles the loop
     later = tf.range(n)
 
-    def body(i, keep):
+    def body(i, n, keep):
         iou = _iou_rows(tf.gather(ranked_boxes, i, axis=-2), ranked_boxes)
         suppress = (iou > iou_threshold) & (later > i) & tf.gather(keep, [i], axis=-1)
-        return i + 1, keep & ~suppress
+        return i + 1, n, keep & ~suppress
 
-    _, keep = tf.while_loop(lambda i, keep: i < n, body, (tf.constant(0), alive),
-                            maximum_iterations=n)
+    # n is a loop variable, not a capture, so that converters (tf2onnx) bind the condition.
+    _, _, keep = tf.while_loop(lambda i, n, keep: i < n, body, (tf.constant(0), n, alive))
     return keep
+
+
+_greedy_loop_graph = tf.function(_greedy_loop, reduce_retracing=True)
 
 
 def _first_kept(keep, k: int):
     """Positions [..., k] of the first ``k`` True entries of ``keep`` [..., N] (in order) and
-    whether each is real."""
-    n = keep.shape[-1]
+    whether each is real; N may be dynamic (then a position past the kept ones is N)."""
+    n = tf.shape(keep)[-1]
     rank = tf.where(keep, n - tf.range(n), 0)  # earlier positions rank higher
-    k_eff = min(k, n)
-    top = tf.math.top_k(rank, k_eff)
-    pos, real = n - top.values, top.values > 0
-    if k > k_eff:
-        pad = [[0, 0]] * (len(keep.shape) - 1) + [[0, k - k_eff]]
-        pos, real = tf.pad(pos, pad), tf.pad(real, pad)
-    return tf.where(real, pos, 0), real
+    pad = tf.zeros(tf.concat([tf.shape(keep)[:-1], [k]], 0), rank.dtype)  # k <= N + k always
+    top = tf.math.top_k(tf.concat([rank, pad], -1), k)
+    real = top.values > 0
+    return tf.where(real, n - top.values, 0), real
 
 
 def non_max_suppression_static(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: int,
                                iou_threshold: float, valid: tf.Tensor | None = None) -> dict:
-    """:func:`non_max_suppression`'s result on static shapes, which XLA compiles: boxes ranked
-    by ``top_k`` (ties: lower index first), then the greedy loop. N must be static."""
+    """:func:`non_max_suppression`'s result with ops XLA compiles and tf2onnx converts: boxes
+    ranked by ``top_k`` (ties: lower index first), then the greedy loop. Shapes are static
+    wherever the input's are."""
     boxes = tf.cast(boxes, tf.float32)
     scores = tf.cast(scores, tf.float32)
     if valid is not None:
         scores = tf.where(valid, scores, INVALID_SCORE)
-    n = boxes.shape[1]
-    if n is None:
-        raise ValueError("non_max_suppression_static: the number of boxes must be static")
-    if n == 0:
-        zeros = tf.zeros(tf.stack([tf.shape(boxes)[0], max_output_size]), tf.int32)
-        return {"indices": zeros, "valid": tf.cast(zeros, tf.bool),
-                "num_valid": tf.zeros(tf.shape(boxes)[:1], tf.int32)}
+    n = tf.shape(scores)[1]
     ranked = tf.math.top_k(scores, n)
     ranked_boxes = tf.gather(boxes, ranked.indices, batch_dims=1)
-    keep = _greedy_keep(ranked_boxes, ranked.values > INVALID_SCORE / 2, iou_threshold)
+    alive = ranked.values > INVALID_SCORE / 2
+    keep = tf.ensure_shape(_greedy_keep(ranked_boxes, alive, iou_threshold), alive.shape)
     pos, real = _first_kept(keep, max_output_size)
-    indices = tf.gather(ranked.indices, pos, batch_dims=1)
+    # One padding column, so that a position past the boxes (N = 0 among them) gathers safely.
+    order = tf.pad(ranked.indices, [[0, 0], [0, 1]])
+    indices = tf.gather(order, pos, batch_dims=1)
     return {"indices": tf.where(real, indices, 0), "valid": real,
             "num_valid": tf.reduce_sum(tf.cast(real, tf.int32), axis=1)}
 
@@ -246,7 +250,8 @@ def _multiclass_nms_static(boxes, scores, max_detections: int, iou_threshold: fl
                                [0, 2, 1, 3])  # [B, C, N, 4]
     ranked = tf.math.top_k(per_class, n)
     ranked_boxes = tf.gather(class_boxes, ranked.indices, batch_dims=2)
-    keep = _greedy_keep(ranked_boxes, ranked.values > score_threshold, iou_threshold)
+    alive = ranked.values > score_threshold
+    keep = tf.ensure_shape(_greedy_keep(ranked_boxes, alive, iou_threshold), alive.shape)
     kept_scores = tf.reshape(tf.where(keep, ranked.values, -1.0), tf.stack([-1, c * n]))
     top = tf.math.top_k(kept_scores, min(max_detections, c * n))
     real = top.values >= 0.0

@@ -1,0 +1,64 @@
+"""ONNX export (export_saved_model.py --format onnx) run by onnxruntime: the converted torchvision
+model's detections and masks on the fixture's real COCO photo, against torchvision's own."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.scripts import torchvision_parity as tp
+
+ort = pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from mrcnn_tf.tools.convert import convert
+
+    with np.load(tp.SMALL_FIXTURE) as f:
+        state = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    convert(state, str(run), None, tp.parity_overrides(small=True))
+    return run
+
+
+@pytest.mark.parametrize("mask_output", ["full", pytest.param("box", marks=pytest.mark.slow)])
+def test_onnx_model_gives_torchvision_detections(run_dir, tmp_path, mask_output):
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run_dir),
+                    "--output", str(out), "--format", "onnx", "--mask_output", mask_output],
+                   check=True, cwd=REPO)
+    path = out / "1" / "model.onnx"
+    labels = json.loads((out / "1" / "labels.json").read_text())
+    assert len(labels) == 90 and labels[0]["name"] == "person"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    with np.load(tp.SMALL_FIXTURE) as f:
+        image, ref = f["image"], {k: f[k] for k in ("det_boxes", "det_scores", "det_classes",
+                                                     "det_masks")}
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"images": image[None]})))
+    n = int(got["num_detections"][0])
+    assert n == len(ref["det_scores"]) == 100
+    np.testing.assert_array_equal(got["detection_classes"][0, :n], ref["det_classes"])
+    np.testing.assert_allclose(got["detection_boxes"][0, :n], ref["det_boxes"], atol=1e-2)
+    np.testing.assert_allclose(got["detection_scores"][0, :n], ref["det_scores"], atol=1e-4)
+    masks = got["detection_masks"][0, :n]
+    if mask_output == "box":
+        assert masks.shape == (n, 28, 28) and masks.dtype == np.float32
+        return
+    masks = masks.astype(bool)
+    assert masks.shape == ref["det_masks"].shape
+    inter = (masks & ref["det_masks"]).sum(axis=(1, 2))
+    union = (masks | ref["det_masks"]).sum(axis=(1, 2))
+    assert np.where(union > 0, inter / np.maximum(union, 1), 1.0).min() >= 0.99
+
+
+def test_png_masks_are_refused_for_onnx(run_dir, tmp_path):
+    done = subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir",
+                           str(run_dir), "--output", str(tmp_path / "e"), "--format", "onnx",
+                           "--mask_output", "png"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "mask_output must be 'box' or 'full'" in done.stderr

@@ -7,8 +7,11 @@
         --input_type image_tensor,image_bytes,tf_example --max_detections 100 --mask_output full
 
 ``--format onnx`` writes OUTPUT/N/model.onnx (and labels.json) instead: the image_tensor path
-converted by tf2onnx (``pip install -e ".[export]"``; see mrcnn_tf/export_onnx.py), with
-``model.nms_impl=static`` and ``--mask_output`` box (the default there) or full.
+converted by tf2onnx, with ``model.nms_impl=static`` and ``--mask_output`` box (the default
+there) or full. ``--format litert --image_size H,W`` writes OUTPUT/N/model.tflite, builtin ops
+only, for uint8 [1, H, W, 3] images, with ``model.nms_impl=static``,
+``model.roi_align.impl=gather`` and box masks. Both need ``pip install -e ".[export]"``; see
+mrcnn_tf/export_formats.py.
 
 --model_dir takes the run's config.json, labels.json and latest checkpoint. With --checkpoint the
 labels come from the config's eval source (the COCO annotation file, or the synthetic classes).
@@ -45,8 +48,11 @@ def main(argv=None) -> int:
     p.add_argument("--max_image_pixels", type=int, default=None,
                    help="refuse encoded images with more pixels (default: "
                         "export.max_image_pixels)")
-    p.add_argument("--format", default="saved_model", choices=("saved_model", "onnx"),
-                   help="a TF Serving SavedModel, or an ONNX model (needs the export extra)")
+    p.add_argument("--format", default="saved_model", choices=("saved_model", "onnx", "litert"),
+                   help="a TF Serving SavedModel, an ONNX model or a LiteRT (.tflite) model "
+                   "(the last two need the export extra)")
+    p.add_argument("--image_size", default=None, metavar="H,W",
+                   help="--format litert: the fixed input size, e.g. 480,640")
     p.add_argument("--set", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
     quiet()
@@ -57,7 +63,16 @@ def main(argv=None) -> int:
     from mrcnn_tf.serving import export_saved_model, next_version, serving_options
 
     overrides = list(args.set)
-    if args.format == "onnx":
+    image_size = None
+    if args.format == "litert":
+        try:
+            image_size = tuple(int(v) for v in (args.image_size or "").split(","))
+            if len(image_size) != 2 or min(image_size) < 1:
+                raise ValueError
+        except ValueError:
+            p.error("--format litert needs --image_size H,W (two positive integers), e.g. "
+                    "--image_size 480,640")
+    if args.format != "saved_model":
         if args.mask_output is None:
             overrides.append("export.mask_output=box")
     if args.max_detections is not None:
@@ -88,13 +103,17 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.format == "onnx":
-        # The same detections (tests/ops/test_nms.py); tf2onnx converts it. Not a --set
-        # override: a run directory's model section is fixed, and this changes no number.
+    if args.format != "saved_model":
+        # The implementations the converters take, with the same numbers (tests/ops). Not --set
+        # overrides: a run directory's model section is fixed, and these change no number.
         import dataclasses
 
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                       nms_impl="static"))
+        m = config.model
+        roi_align = m.roi_align
+        if args.format == "litert":
+            roi_align = dataclasses.replace(roi_align, impl="gather")
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            m, nms_impl="static", roi_align=roi_align))
     options = serving_options(config)
     input_types = options["input_types"]
     model = build_model(config)
@@ -105,19 +124,25 @@ def main(argv=None) -> int:
         print(f"error: {export_dir} exists; choose another --version", file=sys.stderr)
         return 2
     t0 = time.time()
-    if args.format == "onnx":
-        from mrcnn_tf.export_onnx import export_onnx
+    if args.format != "saved_model":
+        from mrcnn_tf.export_formats import export_litert, export_onnx
 
         options.pop("input_types")
         options.pop("max_image_pixels")
         try:
-            path = export_onnx(model, ids, names, os.path.join(export_dir, "model.onnx"),
-                               **options)
+            if args.format == "onnx":
+                path = export_onnx(model, ids, names, os.path.join(export_dir, "model.onnx"),
+                                   **options)
+                what = "ONNX opset 17, images uint8 [B, H, W, 3]"
+            else:
+                path = export_litert(model, ids, names, os.path.join(export_dir, "model.tflite"),
+                                     image_size, **options)
+                what = f"LiteRT builtin ops, images uint8 [1, {image_size[0]}, {image_size[1]}, 3]"
         except (ValueError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"exported {checkpoint} to {path} (ONNX opset 17, images uint8 [B, H, W, 3]; "
-              f"masks: {options['mask_output']}) in {time.time() - t0:.1f} s")
+        print(f"exported {checkpoint} to {path} ({what}; masks: {options['mask_output']}) in "
+              f"{time.time() - t0:.1f} s")
         return 0
     try:
         export_saved_model(model, ids, names, export_dir, **options)

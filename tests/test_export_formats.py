@@ -1,5 +1,6 @@
-"""ONNX export (export_saved_model.py --format onnx) run by onnxruntime: the converted torchvision
-model's detections and masks on the fixture's real COCO photo, against torchvision's own."""
+"""ONNX and LiteRT exports (export_saved_model.py --format onnx|litert) run by onnxruntime and
+ai-edge-litert: the converted torchvision model's detections and masks on the fixture's real
+COCO photo, against torchvision's own."""
 
 import json
 import subprocess
@@ -12,6 +13,12 @@ from tests.conftest import REPO
 from tests.scripts import torchvision_parity as tp
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
+
+
+def _mask_iou_min(masks, ref_masks):
+    inter = (masks & ref_masks).sum(axis=(1, 2))
+    union = (masks | ref_masks).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0).min()
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +59,42 @@ def test_onnx_model_gives_torchvision_detections(run_dir, tmp_path, mask_output)
         return
     masks = masks.astype(bool)
     assert masks.shape == ref["det_masks"].shape
-    inter = (masks & ref["det_masks"]).sum(axis=(1, 2))
-    union = (masks | ref["det_masks"]).sum(axis=(1, 2))
-    assert np.where(union > 0, inter / np.maximum(union, 1), 1.0).min() >= 0.99
+    assert _mask_iou_min(masks, ref["det_masks"]) >= 0.99
 
 
 def test_png_masks_are_refused_for_onnx(run_dir, tmp_path):
     done = subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir",
                            str(run_dir), "--output", str(tmp_path / "e"), "--format", "onnx",
                            "--mask_output", "png"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and "mask_output must be 'box' or 'full'" in done.stderr
+    assert done.returncode == 2 and "mask_output must be box or full; got 'png'" in done.stderr
+
+
+def test_litert_model_has_builtin_ops_only_and_gives_torchvision_detections(run_dir, tmp_path):
+    """--format litert: builtin ops only (the converter is told to refuse others), run by
+    ai-edge-litert's interpreter at the fixture photo's fixed size; the box masks pasted as the
+    run pastes them equal torchvision's masks."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    from mrcnn_tf.ops.masks import paste_masks
+
+    with np.load(tp.SMALL_FIXTURE) as f:
+        image, ref = f["image"], {k: f[k] for k in ("det_boxes", "det_scores", "det_classes",
+                                                     "det_masks")}
+    out = tmp_path / "export"
+    h, w = image.shape[:2]
+    subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run_dir),
+                    "--output", str(out), "--format", "litert", "--image_size", f"{h},{w}"],
+                   check=True, cwd=REPO)
+    interpreter = litert.Interpreter(model_path=str(out / "1" / "model.tflite"))
+    got = interpreter.get_signature_runner()(images=image[None])
+    n = int(got["num_detections"][0])
+    assert n == len(ref["det_scores"]) == 100
+    np.testing.assert_array_equal(got["detection_classes"][0, :n], ref["det_classes"])
+    np.testing.assert_allclose(got["detection_boxes"][0, :n], ref["det_boxes"], atol=1e-2)
+    np.testing.assert_allclose(got["detection_scores"][0, :n], ref["det_scores"], atol=1e-4)
+    masks = paste_masks(got["detection_masks"][0, :n], got["detection_boxes"][0, :n], h, w,
+                        method="torchvision").numpy().astype(bool)
+    assert _mask_iou_min(masks, ref["det_masks"]) >= 0.99
+    wrong = subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir",
+                            str(run_dir), "--output", str(tmp_path / "e"), "--format", "litert"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--format litert needs --image_size H,W" in wrong.stderr

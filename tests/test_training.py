@@ -631,3 +631,12 @@ def test_step_logger_logs_steps_not_epochs():
     assert [line.split()[1] for line in lines] == ["5/12", "10/12", "12/12"]
     assert all(" loss " in line and "s/step ETA " in line for line in lines)
     assert lines[-1].endswith("ETA 0:00:00") and "Epoch" not in out.getvalue()
+
+
+def test_tpu_strategy_is_refused_with_the_reason():
+    """A TPU compiles the whole training step with XLA, which ours does not yet: no TPU option."""
+    from mrcnn_tf.training import STRATEGIES, make_strategy
+
+    assert "tpu" not in STRATEGIES
+    with pytest.raises(ValueError, match="does not compile yet"):
+        make_strategy("tpu")

@@ -34,8 +34,9 @@ def parse_args(argv=None):
                         "configs/shapes.yaml for a new run); on a resumed run it must describe "
                         "the same model")
     p.add_argument("--strategy", default="default",
-                   choices=("default", "one_device", "mirrored", "multi_worker", "tpu"))
-    p.add_argument("--tpu", default=None, help="TPU name or grpc address (--strategy tpu)")
+                   choices=("default", "one_device", "mirrored", "multi_worker"),
+                   help="tf.distribute strategy (no TPU: a TPU compiles the whole training step "
+                   "with XLA, which ours does not yet)")
     p.add_argument("--cpu_replicas", type=int, default=0,
                    help="with --strategy mirrored: mirror over this many logical CPU devices")
     p.add_argument("--final_weights", default=None,
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
 
     from mrcnn_tf.training import is_chief, make_strategy, train
 
-    strategy = make_strategy(args.strategy, args.tpu, args.cpu_replicas)  # before the model
+    strategy = make_strategy(args.strategy, args.cpu_replicas)  # before the model
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     if args.mode == "eval":
         from mrcnn_tf.evaluation.run import evaluate_model_dir

@@ -135,7 +135,7 @@ def read_run(model_dir: str, overrides=()):
     Raises FileNotFoundError when the run has no configuration or no checkpoint yet."""
     if read_config_dict(model_dir) is None:
         raise FileNotFoundError(f"{model_dir} has no {CONFIG}: not a run directory of train.py "
-                                "or convert_torchvision")
+                                "or mrcnn_tf.tools.convert")
     config, _ = resolve_config(model_dir, None, overrides)
     latest = latest_checkpoint(model_dir)
     if latest is None:

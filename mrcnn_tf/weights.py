@@ -462,7 +462,7 @@ def load_initial_weights(model, path: str) -> list[str]:
         checkpoint = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
         if checkpoint is None:
             raise FileNotFoundError(f"model.init_from: {path} has no checkpoints/ with a "
-                                    "checkpoint (a train.py or convert_torchvision run "
+                                    "checkpoint (a train.py or mrcnn_tf.tools.convert run "
                                     "directory, a checkpoint prefix or a .weights.h5 file)")
     try:
         reader = tf.train.load_checkpoint(checkpoint)

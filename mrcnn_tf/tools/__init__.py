@@ -1,1 +1,1 @@
-"""Command-line tools: ``python -m mrcnn_tf.tools.convert_torchvision``."""
+"""Command-line tools: ``python -m mrcnn_tf.tools.convert`` (checkpoint conversion)."""

@@ -186,27 +186,37 @@ def adaptive_window(box, size, output_size, aligned: bool):
     return (r0, r1, c0, c1), wy, wx
 
 
-# A graph function even when called eagerly: an eager map_fn runs its body in Python per RoI.
-@tf.function(reduce_retracing=True)
 def roi_align_adaptive_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor,
                             output_size, aligned: bool = True) -> tf.Tensor:
     """RoIAlign with adaptive sampling (``sampling_ratio=0``, detectron2's ``POOLER_SAMPLING_RATIO:
     0``) for a flat list of RoIs, in feature-map coordinates.
 
     Args:
-      features: [N_img, H, W, C] any float dtype.
-      boxes: [R, 4] (y1, x1, y2, x2) in feature-map pixels.
+      features: [N_img, H, W, C] any float dtype, C static.
+      boxes: [R, 4] (y1, x1, y2, x2) in feature-map pixels (R may be 0).
       box_indices: [R] int32 image of each RoI.
       output_size: int or (out_h, out_w).
       aligned: half-pixel shift (detectron2) or not (torchvision).
     Returns:
       [R, out_h, out_w, C] in the features' dtype. Gradients flow to ``features``.
     """
-    out_h, out_w = _as_pair(output_size)
+    channels = features.shape[-1]
+    if channels is None:
+        raise ValueError("roi_align (adaptive): the features' channel count must be static")
+    args = (features, boxes, box_indices, _as_pair(output_size), bool(aligned), int(channels))
+    if tf.executing_eagerly():
+        # A graph function: an eager map_fn runs its body in Python, once per RoI. The output
+        # size, alignment and channels are Python values, so each keeps its own trace (an
+        # empty list of RoIs needs the fully defined element shape).
+        return _adaptive_graph(*args)
+    return _adaptive(*args)
+
+
+def _adaptive(features, boxes, box_indices, output_size, aligned, channels):
+    out_h, out_w = output_size
     image = tf.cast(features, tf.float32)
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
     size = tf.shape(image)[1:3]
-    channels = features.shape[-1]
 
     def one(args):
         box, index = args
@@ -218,6 +228,9 @@ def roi_align_adaptive_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: 
     out = tf.map_fn(one, (boxes, tf.cast(box_indices, tf.int32)), parallel_iterations=16,
                     fn_output_signature=tf.TensorSpec([out_h, out_w, channels], tf.float32))
     return tf.cast(out, features.dtype)
+
+
+_adaptive_graph = tf.function(_adaptive, reduce_retracing=True)
 
 
 def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,

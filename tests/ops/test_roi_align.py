@@ -278,3 +278,25 @@ def test_gather_implementation_equals_crop_and_resize_on_a_pyramid_and_compiles_
             feats, boxes)
     with pytest.raises(ValueError, match="adaptive sampling needs the crop_and_resize"):
         roi_align_gather_flat(feats[2], boxes[0], tf.zeros([30], tf.int32), 7, 0)
+
+
+def test_adaptive_sampling_with_no_rois_after_other_shapes():
+    """A level with no RoIs (common at P5) after calls with other map shapes and channel
+    counts: the result is [0, out, out, C], never a failed stack of an empty list."""
+    rng = np.random.default_rng(8)
+    for shape in ((1, 9, 11, 3), (2, 13, 7, 5), (1, 6, 6, 2)):
+        feat = rng.standard_normal(shape).astype(np.float32)
+        out = roi_align_flat(feat, np.array([[1.0, 1.0, 5.0, 4.0]], np.float32),
+                             np.zeros([1], np.int32), 7, sampling_ratio=0)
+        assert out.shape == (1, 7, 7, shape[-1])
+    feat = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    empty = roi_align_flat(feat, np.zeros([0, 4], np.float32), np.zeros([0], np.int32), 7, 0)
+    assert empty.shape == (0, 7, 7, 4)
+    fn = tf.function(lambda f, b: multilevel_roi_align(f, b, 7, 0),
+                     input_signature=[{lv: tf.TensorSpec([1, None, None, 4], tf.float32)
+                                       for lv in range(2, 6)},
+                                      tf.TensorSpec([1, None, 4], tf.float32)])
+    feats = {lv: tf.constant(rng.standard_normal((1, 64 >> lv, 64 >> lv, 4)), tf.float32)
+             for lv in range(2, 6)}
+    out = fn(feats, tf.constant([[[1.0, 1.0, 9.0, 9.0]]]))  # levels 3..5 get no RoI
+    assert out.shape == (1, 1, 7, 7, 4) and np.abs(out.numpy()).max() > 0

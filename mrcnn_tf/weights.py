@@ -173,23 +173,35 @@ def _norm_entries(prefix, layer):
     return [(f"{prefix}.{t}", getattr(layer, k), _identity) for t, k in names]
 
 
-def resnet_mapping(backbone, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(torchvision key, our variable, numpy transform) for every weight of a ResNet backbone:
-    torchvision's ``resnet50``/``resnet101`` names (``conv1``, ``bn1``, ``layerS.B.convI``,
-    ``layerS.B.bnI``, ``layerS.B.downsample.{0,1}``) after ``prefix``."""
-    entries = [(f"{prefix}conv1.weight", backbone.stem_conv.kernel, _conv)]
-    entries += _norm_entries(f"{prefix}bn1", backbone.stem_norm)
+# Key names of a ResNet's weights: stem conv, stem norm, block (stage s from 0, block b), block
+# conv i, its norm, shortcut conv, shortcut norm.
+RESNET_KEYS = {
+    "torchvision": ("conv1.weight", "bn1", "layer{s1}.{b}", "conv{i}.weight", "bn{i}",
+                    "downsample.0.weight", "downsample.1"),
+    "detectron2": ("stem.conv1.weight", "stem.conv1.norm", "res{s2}.{b}", "conv{i}.weight",
+                   "conv{i}.norm", "shortcut.weight", "shortcut.norm"),
+}
+
+
+def resnet_mapping(backbone, prefix: str = "", layout: str = "torchvision",
+                   stem_transform=_conv) -> list[tuple[str, object, object]]:
+    """(key, our variable, numpy transform) for every weight of a ResNet backbone, with the key
+    names of ``layout`` (RESNET_KEYS: torchvision's ``conv1``, ``bn1``, ``layerS.B.convI``,
+    ``layerS.B.bnI``, ``layerS.B.downsample.{0,1}``; or detectron2's) after ``prefix``."""
+    stem, stem_norm, block_key, conv_key, norm_key, short, short_norm = RESNET_KEYS[layout]
+    entries = [(f"{prefix}{stem}", backbone.stem_conv.kernel, stem_transform)]
+    entries += _norm_entries(f"{prefix}{stem_norm}", backbone.stem_norm)
     for s, stage in enumerate(backbone.stages):
         for b, block in enumerate(stage):
-            p = f"{prefix}layer{s + 1}.{b}"
+            p = prefix + block_key.format(s1=s + 1, s2=s + 2, b=b)
             for i, (conv, norm) in enumerate(((block.conv1, block.norm1),
                                               (block.conv2, block.norm2),
                                               (block.conv3, block.norm3)), start=1):
-                entries.append((f"{p}.conv{i}.weight", conv.kernel, _conv))
-                entries += _norm_entries(f"{p}.bn{i}", norm)
+                entries.append((f"{p}.{conv_key.format(i=i)}", conv.kernel, _conv))
+                entries += _norm_entries(f"{p}.{norm_key.format(i=i)}", norm)
             if block.project:
-                entries.append((f"{p}.downsample.0.weight", block.shortcut.kernel, _conv))
-                entries += _norm_entries(f"{p}.downsample.1", block.shortcut_norm)
+                entries.append((f"{p}.{short}", block.shortcut.kernel, _conv))
+                entries += _norm_entries(f"{p}.{short_norm}", block.shortcut_norm)
     return entries
 
 

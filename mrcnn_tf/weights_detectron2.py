@@ -43,6 +43,7 @@ from mrcnn_tf.weights import (
     _identity,
     _linear,
     _to_numpy,
+    resnet_mapping,
 )
 
 # What a model-zoo pickle may hold: numpy arrays (and their dtypes and scalars) in dicts. Keys are
@@ -149,12 +150,6 @@ def _with_background_slot(w, rows: int):
     return np.concatenate([np.zeros((rows,) + w.shape[1:], w.dtype), w], axis=0)
 
 
-def _norm(prefix, layer):
-    names = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
-             ("running_var", "moving_variance"))
-    return [(f"{prefix}.norm.{t}", getattr(layer, k), _identity) for t, k in names]
-
-
 def detectron2_mapping(model) -> list[tuple[str, object, object]]:
     """(detectron2 key, our variable, numpy transform) for every weight of ``model``."""
     bb, fpn, rpn = model.backbone, model.fpn, model.rpn_head
@@ -173,20 +168,7 @@ def detectron2_mapping(model) -> list[tuple[str, object, object]]:
     if problems:
         raise WeightsError("the model is not detectron2's Mask R-CNN R-FPN architecture: "
                            + "; ".join(problems) + " (see configs/detectron2_r50_fpn.yaml)")
-    p = "backbone.bottom_up."
-    entries = [(f"{p}stem.conv1.weight", bb.stem_conv.kernel, _bgr_stem)]
-    entries += _norm(f"{p}stem.conv1", bb.stem_norm)
-    for s, stage in enumerate(bb.stages):
-        for b, block in enumerate(stage):
-            q = f"{p}res{s + 2}.{b}"
-            for i, (conv, norm) in enumerate(((block.conv1, block.norm1),
-                                              (block.conv2, block.norm2),
-                                              (block.conv3, block.norm3)), start=1):
-                entries.append((f"{q}.conv{i}.weight", conv.kernel, _conv))
-                entries += _norm(f"{q}.conv{i}", norm)
-            if block.project:
-                entries.append((f"{q}.shortcut.weight", block.shortcut.kernel, _conv))
-                entries += _norm(f"{q}.shortcut", block.shortcut_norm)
+    entries = resnet_mapping(bb, "backbone.bottom_up.", "detectron2", _bgr_stem)
     for i, level in enumerate(range(fpn.min_level, 6)):
         for name, layer in (("lateral", fpn.lateral[i]), ("output", fpn.output_convs[i])):
             entries += [(f"backbone.fpn_{name}{level}.weight", layer.kernel, _conv),

@@ -124,6 +124,19 @@ def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, 
     return forward(image)
 
 
+def _neighbours(pos, size):
+    """torchvision's border rule for bilinear samples at ``pos`` on an axis of ``size`` pixels:
+    (low, high, frac, inside) with the sample = (1 - frac) * v[low] + frac * v[high] where
+    ``inside``; beyond one pixel outside [0, size - 1] it is zero, within it the edge value."""
+    inside = (pos >= -1.0) & (pos <= size)
+    pos = tf.maximum(pos, 0.0)
+    low = tf.floor(pos)
+    at_edge = low >= size - 1.0
+    low = tf.where(at_edge, size - 1.0, low)
+    frac = tf.where(at_edge, 0.0, pos - low)
+    return low, tf.minimum(low + 1.0, size - 1.0), frac, inside
+
+
 def _axis_weights(start, length, bins: int, extent):
     """[bins, extent] weights W with W @ column = the mean, over each bin, of the adaptive
     RoIAlign samples of one axis (torchvision's CPU kernel, sampling_ratio <= 0).
@@ -138,14 +151,7 @@ def _axis_weights(start, length, bins: int, extent):
     b = tf.range(bins, dtype=tf.float32)[:, None]
     k = tf.range(n, dtype=tf.float32)[None, :]
     pos = start + b * step + (k + 0.5) * step / nf  # [bins, n]
-    size = tf.cast(extent, tf.float32)
-    inside = (pos >= -1.0) & (pos <= size)
-    pos = tf.maximum(pos, 0.0)
-    low = tf.floor(pos)
-    at_edge = low >= size - 1.0
-    low = tf.where(at_edge, size - 1.0, low)
-    frac = tf.where(at_edge, 0.0, pos - low)
-    high = tf.minimum(low + 1.0, size - 1.0)
+    low, high, frac, inside = _neighbours(pos, tf.cast(extent, tf.float32))
     weight = tf.where(inside, 1.0 / nf, 0.0)
     rows = tf.cast(tf.concat([low, high], axis=1), tf.int32)  # [bins, 2n]
     values = tf.concat([weight * (1.0 - frac), weight * frac], axis=1)
@@ -302,14 +308,8 @@ def _gather_axis(start, length, bins: int, ratio: int, size):
     n = bins * ratio
     step = length / float(n)
     pos = start[:, None] + (tf.range(n, dtype=tf.float32)[None, :] + 0.5) * step[:, None]
-    size = size[:, None]
-    inside = tf.cast((pos >= -1.0) & (pos <= size), tf.float32)
-    pos = tf.maximum(pos, 0.0)
-    low = tf.floor(pos)
-    at_edge = low >= size - 1.0
-    low = tf.where(at_edge, size - 1.0, low)
-    frac = tf.where(at_edge, 0.0, pos - low)
-    high = tf.minimum(low + 1.0, size - 1.0)
+    low, high, frac, inside = _neighbours(pos, size[:, None])
+    inside = tf.cast(inside, tf.float32)
     return ((tf.cast(low, tf.int32), (1.0 - frac) * inside),
             (tf.cast(high, tf.int32), frac * inside))
 

@@ -62,3 +62,16 @@ def test_softmax_objectness_and_no_gradient():
     grads = tape.gradient(total, logits + deltas)
     assert all(g is None for g in grads)
     assert out["valid"].numpy().sum() >= 1
+
+
+def test_min_box_size_zero_drops_empty_boxes_only():
+    """min_box_size 0 is detectron2's Boxes.nonempty(): a box clipped to zero width (an anchor
+    wholly outside the image) is dropped, a 0.0005 px-thin one is kept (1e-3 drops both)."""
+    anchors = [np.array([[0, 0, 20, 20], [0, 0, 0.0005, 10], [-30, -30, -10, -10]], np.float32)]
+    logits = [np.array([[3.0, 2.0, 1.0]], np.float32)]
+    deltas = [np.zeros((1, 3, 4), np.float32)]
+    sizes = np.full((1, 2), 100, np.int32)
+    for min_size, kept in ((0.0, 2), (1e-3, 1)):
+        gen = ProposalGenerator(pre_nms_topk_test=3, post_nms_topk_test=3, nms_threshold=0.7,
+                                min_box_size=min_size)
+        assert int(np.sum(gen(logits, deltas, anchors, sizes)["valid"])) == kept, min_size

@@ -171,7 +171,8 @@ class RoIAlignConfig:
     impl: str = opt("crop_and_resize", "tf.image.crop_and_resize per level (the design's"
                     " choice), or gathers from the flattened pyramid (same numbers, no"
                     " crop_and_resize or dynamic_partition: XLA compiles it; one fixed sampling"
-                    " ratio)", choices=("crop_and_resize", "gather"))
+                    " ratio; the mask targets then use static shapes too)",
+                    choices=("crop_and_resize", "gather"))
     canonical_size: float = opt(224.0, "level = floor(canonical_level + log2(sqrt(wh) /"
                                 " canonical_size)) (FPN paper eq. 1)", min=1.0)
     canonical_level: int = opt(4, "level of a canonical-size RoI (FPN paper)", min=2, max=5)
@@ -373,6 +374,10 @@ class TrainConfig:
                                   min_exclusive=True)
     mixed_precision: str = opt("float32", "Keras dtype policy",
                                choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    jit_compile: bool = opt(False, "compile each training and evaluation step with XLA (needs"
+                            " model.roi_align.impl=gather, model.nms_impl=static and"
+                            " model.mask_head.static_rois=true; always on under --strategy"
+                            " tpu)")
     checkpoint_every: int = opt(1000, "steps between checkpoints", min=1)
     log_every: int = opt(20, "steps between log lines", min=1)
     seed: int = opt(42, "random seed", min=0)

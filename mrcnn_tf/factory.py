@@ -91,7 +91,7 @@ def target_assigner(config: Config) -> TargetAssigner:
         roi_coder_weights=m.box_head.box_coder_weights,
         static_foreground=m.mask_head.static_rois,
         mini_masks=config.data.mask_mode == "mini", mask_aligned=m.roi_align.aligned,
-        soft_masks=m.mask_head.target == "soft")
+        soft_masks=m.mask_head.target == "soft", static_masks=m.roi_align.impl == "gather")
 
 
 def losses(m: ModelConfig) -> Losses:

@@ -74,6 +74,7 @@ class MaskRCNN(keras.Model):
         self.optimizer_factory = optimizer_factory
         self.config = config
         self.loss_trackers = {k: keras.metrics.Mean(name=k) for k in LOSS_KEYS + ("loss",)}
+        self.xla = False  # compile(jit_compile=True)
 
     # -- the algorithm, one screen -----------------------------------------------------------
 
@@ -184,18 +185,43 @@ class MaskRCNN(keras.Model):
 
     def compile(self, optimizer=None, jit_compile=False, **kwargs):
         """Keras compile with this model's defaults: the optimiser of its config when none is
-        given, and no XLA (``tf.image.crop_and_resize`` and ``combined_non_max_suppression``
-        have no XLA kernel, so ``jit_compile="auto"`` must not switch it on on a GPU)."""
-        if jit_compile not in (False, None, "auto"):
-            raise ValueError("MaskRCNN cannot be jit-compiled: crop_and_resize and "
-                             "combined_non_max_suppression have no XLA kernel")
+        given, and XLA only when asked (``jit_compile=True``) and when every part has static
+        shapes (:meth:`xla_blockers`); ``"auto"`` means no XLA, because the default
+        implementations (crop_and_resize, TensorFlow's NMS kernels) have no XLA kernel."""
+        if jit_compile not in (False, None, "auto", True):
+            raise ValueError(f"MaskRCNN.compile: jit_compile must be True or False, got "
+                             f"{jit_compile!r}")
+        if jit_compile is True:
+            blockers = self.xla_blockers()
+            if blockers:
+                raise ValueError("MaskRCNN cannot be jit-compiled with these settings; set "
+                                 + "; ".join(blockers))
         if optimizer is None:
             if self.optimizer_factory is None:
                 raise ValueError("MaskRCNN.compile: pass an optimizer (this model was built "
                                  "without one; mrcnn_tf.build_model gives it the config's)")
             optimizer = self.optimizer_factory()
         super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+        # Keras' own switch stays off: step_function compiles train_step and test_step itself.
+        self.xla = jit_compile is True
         self.optimizer.build(self.trainable_variables)
+
+    def xla_blockers(self) -> list[str]:
+        """The config settings XLA needs (``jit_compile``, TPUs) that this model lacks, each as
+        ``key=value (reason)``; empty when the whole training step and inference on a batch of
+        one image size compile."""
+        out = []
+        if (self.box_roi_align.impl != "gather" or self.mask_roi_align.impl != "gather"
+                or not self.targets.static_masks):
+            out.append("model.roi_align.impl=gather (crop_and_resize and the mask targets' "
+                       "per-RoI windows have no static shape)")
+        if "tf" in (self.proposal_generator.nms_impl, self.detection_generator.nms_impl):
+            out.append("model.nms_impl=static (NonMaxSuppressionV5 and "
+                       "CombinedNonMaxSuppression have no XLA kernel)")
+        if not self.targets.static_foreground:
+            out.append("model.mask_head.static_rois=true (the batch's positives are a dynamic "
+                       "count)")
+        return out
 
     def get_compile_config(self):
         return super().get_compile_config()
@@ -247,12 +273,14 @@ class MaskRCNN(keras.Model):
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:
-            self.train_function = keras_compat.step_function(self, self.train_step, "training")
+            self.train_function = keras_compat.step_function(self, self.train_step, "training",
+                                                             self.xla)
         return self.train_function
 
     def make_test_function(self, force=False):
         if self.test_function is None or force:
-            self.test_function = keras_compat.step_function(self, self.test_step, "test")
+            self.test_function = keras_compat.step_function(self, self.test_step, "test",
+                                                            self.xla)
         return self.test_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

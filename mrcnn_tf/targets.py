@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.box_coder import BoxCoder
 from mrcnn_tf.ops.boxes import pairwise_iou
-from mrcnn_tf.ops.masks import roi_align_masks
+from mrcnn_tf.ops.masks import roi_align_masks, roi_align_masks_static
 from mrcnn_tf.ops.matcher import Matcher
 from mrcnn_tf.ops.sampler import sample_balanced, sampled_mask
 
@@ -104,7 +104,7 @@ def sample_rois(proposals: tf.Tensor, proposal_valid: tf.Tensor, gt_boxes: tf.Te
 
 def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matched: tf.Tensor,
                  content_sizes: tf.Tensor, size: int, mini_masks: bool, aligned: bool,
-                 soft: bool) -> tf.Tensor:
+                 soft: bool, static: bool = False) -> tf.Tensor:
     """Mask targets of the foreground RoIs: the RoIAlign (adaptive sampling) of the matched
     ground-truth mask, soft (torchvision) or thresholded at 0.5 (detectron2).
 
@@ -114,6 +114,7 @@ def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matc
       content_sizes: [B, 2] image content sizes in the full frame.
       size: target side (28).
       aligned: the recipe's RoIAlign convention (model.roi_align.aligned).
+      static: static shapes (XLA; :func:`roi_align_masks_static`, the same numbers).
     Returns:
       [B, R, size, size] float32 in [0, 1] (soft) or {0, 1}.
     """
@@ -128,7 +129,8 @@ def mask_targets(gt_masks: tf.Tensor, gt_boxes: tf.Tensor, rois: tf.Tensor, matc
         y1, x1, y2, x2 = tf.unstack(rois, 4, axis=-1)
         rois = tf.stack([(y1 - gy1) * sy, (x1 - gx1) * sx, (y2 - gy1) * sy, (x2 - gx1) * sx], -1)
         content_sizes = tf.tile(tf.shape(gt_masks)[None, 2:4], [tf.shape(gt_masks)[0], 1])
-    targets = roi_align_masks(gt_masks, rois, matched, content_sizes, size, aligned)
+    crop = roi_align_masks_static if static else roi_align_masks
+    targets = crop(gt_masks, rois, matched, content_sizes, size, aligned)
     return targets if soft else tf.cast(targets >= 0.5, tf.float32)
 
 
@@ -143,14 +145,15 @@ class TargetAssigner:
       roi_iou, roi_batch_size, roi_positive_fraction, roi_coder: the same for RoIs;
         static_foreground: see :func:`sample_rois`.
       mini_masks: ground-truth masks are mini-masks inside their boxes; mask_aligned: the
-        RoIAlign convention of the mask targets; soft_masks: keep them soft (torchvision).
+        RoIAlign convention of the mask targets; soft_masks: keep them soft (torchvision);
+        static_masks: compute them on static shapes (XLA).
     """
 
     def __init__(self, rpn_iou=(0.3, 0.7), rpn_low_quality=True, rpn_batch_size=256,
                  rpn_positive_fraction=0.5, rpn_coder_weights=(1.0, 1.0, 1.0, 1.0),
                  roi_iou=(0.5, 0.5), roi_batch_size=512, roi_positive_fraction=0.25,
                  roi_coder_weights=(10.0, 10.0, 5.0, 5.0), static_foreground=False,
-                 mini_masks=False, mask_aligned=True, soft_masks=False):
+                 mini_masks=False, mask_aligned=True, soft_masks=False, static_masks=False):
         self.config = {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in dict(locals()).items() if k != "self"}
         self.rpn_matcher = Matcher(rpn_iou, (0, -1, 1), rpn_low_quality)
@@ -160,6 +163,7 @@ class TargetAssigner:
         self.roi_batch_size, self.roi_positive_fraction = roi_batch_size, roi_positive_fraction
         self.static_foreground = static_foreground
         self.mini_masks, self.mask_aligned, self.soft_masks = mini_masks, mask_aligned, soft_masks
+        self.static_masks = static_masks
 
     def rpn(self, anchors, gt_boxes, gt_valid) -> dict:
         """:func:`rpn_targets` with these settings."""
@@ -175,7 +179,8 @@ class TargetAssigner:
     def masks(self, gt_masks, gt_boxes, rois, matched, content_sizes, size: int):
         """:func:`mask_targets` with these settings."""
         return mask_targets(gt_masks, gt_boxes, rois, matched, content_sizes, size,
-                            self.mini_masks, self.mask_aligned, self.soft_masks)
+                            self.mini_masks, self.mask_aligned, self.soft_masks,
+                            self.static_masks)
 
     def get_config(self) -> dict:
         return dict(self.config)

@@ -20,7 +20,7 @@ from mrcnn_tf.data import DataError, build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
 
 logger = logging.getLogger("mrcnn_tf")
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
@@ -28,8 +28,10 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
 
     ``multi_worker`` reads the cluster from ``TF_CONFIG``. ``cpu_replicas`` > 1 splits the CPU into
     that many logical devices and mirrors over them (``mirrored`` only; for testing distribution
-    on a machine without GPUs). No TPU strategy: a TPU compiles the whole training step with XLA,
-    and ours does not compile yet (the mask targets' adaptive RoIAlign, README "Configuration").
+    on a machine without GPUs). ``tpu`` connects to the TPU that ``TPUClusterResolver`` finds
+    (on a Cloud TPU VM, or named by ``TPU_NAME``); the model must then have the settings XLA needs
+    (:meth:`mrcnn_tf.model.MaskRCNN.xla_blockers`), which the training step checks. The step
+    compiles with XLA on CPU (tests); no TPU was available to run it on.
     """
     if cpu_replicas > 1:
         if name != "mirrored":
@@ -49,10 +51,18 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        raise ValueError("--strategy tpu is not offered: a TPU compiles the whole training step "
-                         "with XLA, and ours does not compile yet (the mask targets' adaptive "
-                         "RoIAlign)")
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as e:
+            raise ValueError(f"--strategy tpu: no TPU found ({e})") from None
+        return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def _is_tpu(strategy) -> bool:
+    return isinstance(strategy, tf.distribute.TPUStrategy)
 
 
 def is_chief() -> bool:
@@ -262,7 +272,7 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
     require_data(config, info)
     with strategy.scope():
         model = build_model(config)
-        model.compile()
+        model.compile(jit_compile=config.train.jit_compile or _is_tpu(strategy))
         model.optimizer.build(model.trainable_variables)
     dataset = _distributed_dataset(config, strategy, info)
     manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer), ckpt_dir,

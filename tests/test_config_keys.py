@@ -71,6 +71,7 @@ READ_IN_LOOP = {
     "train.log_every": ("mrcnn_tf/training.py", r"\bt\.log_every\b"),
     "train.seed": ("mrcnn_tf/training.py", r"\bt\.seed\b"),
     "train.mixed_precision": ("mrcnn_tf/training.py", r"\bt\.mixed_precision\b"),
+    "train.jit_compile": ("mrcnn_tf/training.py", r"\btrain\.jit_compile\b"),
     "eval.every_n_steps": ("mrcnn_tf/evaluation/run.py", r"\beval\.every_n_steps\b"),
     "eval.num_images": ("mrcnn_tf/evaluation/run.py", r"\beval\.num_images\b"),
     "eval.tensorboard_images": ("mrcnn_tf/evaluation/run.py", r"\beval\.tensorboard_images\b"),

@@ -87,7 +87,8 @@ def test_graph_mode_equals_eager(shapes_model):
     eager = shapes_model(images)
     graph = tf.function(lambda x: shapes_model(x))(images)
     for k in eager:
-        np.testing.assert_allclose(eager[k].numpy(), graph[k].numpy(), atol=1e-5)
+        # Boxes are ~100 px: a few float32 ulps (seen: 1.5e-5 at 49 px) are rounding, not a bug.
+        np.testing.assert_allclose(eager[k].numpy(), graph[k].numpy(), rtol=1e-6, atol=1e-5)
 
 
 def test_keras_save_and_weights_round_trip(shapes_model, tmp_path):

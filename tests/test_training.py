@@ -633,10 +633,11 @@ def test_step_logger_logs_steps_not_epochs():
     assert lines[-1].endswith("ETA 0:00:00") and "Epoch" not in out.getvalue()
 
 
-def test_tpu_strategy_is_refused_with_the_reason():
-    """A TPU compiles the whole training step with XLA, which ours does not yet: no TPU option."""
+def test_tpu_strategy_without_a_tpu_says_so():
+    """--strategy tpu is offered (the step compiles with XLA, tests/test_xla.py); on a machine
+    without a TPU it fails at once with the reason, before any model is built."""
     from mrcnn_tf.training import STRATEGIES, make_strategy
 
-    assert "tpu" not in STRATEGIES
-    with pytest.raises(ValueError, match="does not compile yet"):
+    assert "tpu" in STRATEGIES
+    with pytest.raises(ValueError, match="--strategy tpu: no TPU found"):
         make_strategy("tpu")

@@ -34,9 +34,9 @@ def parse_args(argv=None):
                         "configs/shapes.yaml for a new run); on a resumed run it must describe "
                         "the same model")
     p.add_argument("--strategy", default="default",
-                   choices=("default", "one_device", "mirrored", "multi_worker"),
-                   help="tf.distribute strategy (no TPU: a TPU compiles the whole training step "
-                   "with XLA, which ours does not yet)")
+                   choices=("default", "one_device", "mirrored", "multi_worker", "tpu"),
+                   help="tf.distribute strategy; tpu needs the XLA settings (README, "
+                   "\"XLA and TPUs\"; compiled on CPU, never run on a TPU here)")
     p.add_argument("--cpu_replicas", type=int, default=0,
                    help="with --strategy mirrored: mirror over this many logical CPU devices")
     p.add_argument("--final_weights", default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mrcnn_tf.ops.roi_align import adaptive_window, roi_align_flat
+from mrcnn_tf.ops.roi_align import adaptive_window, axis_weights_static, roi_align_flat
 
 
 def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, output_size: int = 28,
@@ -81,6 +81,49 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
         return tf.matmul(tf.matmul(wy, window), wx, transpose_b=True)
 
     out = tf.map_fn(one, (boxes, which, sizes), parallel_iterations=16,
+                    fn_output_signature=tf.TensorSpec([output_size, output_size], tf.float32))
+    return tf.reshape(out, tf.stack([batch, r, output_size, output_size]))
+
+
+def roi_align_masks_static(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
+                           content_sizes: tf.Tensor, output_size: int = 28, aligned: bool = True
+                           ) -> tf.Tensor:
+    """:func:`roi_align_masks` on static shapes, which XLA compiles (``model.roi_align.impl:
+    gather``): the same numbers, from the per-axis weights over the whole mask
+    (:func:`mrcnn_tf.ops.roi_align.axis_weights_static`) instead of a per-RoI window.
+
+    Costs ``2 * output_size * H * W`` multiply-adds per RoI instead of the window's; the loop
+    over RoIs keeps memory at one [H, W] mask per iteration.
+
+    Args and returns: as :func:`roi_align_masks`; ``masks`` must have a static H and W.
+    """
+    masks = tf.convert_to_tensor(masks)
+    height, width = masks.shape[2], masks.shape[3]
+    if height is None or width is None:
+        raise ValueError("roi_align_masks_static: the masks' height and width must be static, "
+                         f"got {masks.shape}")
+    shape = tf.shape(masks)
+    batch, num_masks = shape[0], shape[1]
+    flat_masks = tf.reshape(masks, [-1, height, width])
+    r = tf.shape(boxes)[1]
+    boxes = tf.reshape(tf.stop_gradient(tf.cast(boxes, tf.float32)), [-1, 4])
+    which = tf.reshape(tf.range(batch)[:, None] * num_masks + tf.cast(mask_indices, tf.int32),
+                       [-1])
+    sizes = tf.reshape(tf.repeat(tf.cast(content_sizes, tf.int32), r, axis=0), [-1, 2])
+    offset = 0.5 if aligned else 0.0
+    y1, x1, y2, x2 = tf.unstack(boxes - offset, 4, axis=-1)
+    h, w = y2 - y1, x2 - x1
+    if not aligned:
+        h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
+    wy = axis_weights_static(y1, h, output_size, sizes[:, 0], height)  # [R, out, H]
+    wx = axis_weights_static(x1, w, output_size, sizes[:, 1], width)  # [R, out, W]
+
+    def one(args):
+        a, b, index = args
+        mask = tf.cast(tf.gather(flat_masks, index), tf.float32)
+        return tf.matmul(tf.matmul(a, mask), b, transpose_b=True)
+
+    out = tf.map_fn(one, (wy, wx, which), parallel_iterations=16,
                     fn_output_signature=tf.TensorSpec([output_size, output_size], tf.float32))
     return tf.reshape(out, tf.stack([batch, r, output_size, output_size]))
 

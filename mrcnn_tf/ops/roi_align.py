@@ -161,6 +161,44 @@ def _axis_weights(start, length, bins: int, extent):
     return tf.reshape(flat, tf.stack([bins, extent]))
 
 
+def axis_weights_static(start, length, bins: int, extent, width: int):
+    """:func:`_axis_weights` for a batch of RoIs on static shapes (XLA): [R, bins, width].
+
+    The adaptive sample count ``n`` differs per RoI, so the samples are not enumerated from 0:
+    each bin takes ``J = 2 * width + 5`` consecutive samples from the first one at or before
+    position -1 (masked beyond ``n``). With n >= 2 the spacing is above 0.5 px, so at most
+    ``2 * (width + 1) + 1`` samples of a bin fall in [-1, width], where any has weight; with
+    n = 1 there is one. The result equals :func:`_axis_weights` padded to ``width`` columns.
+
+    Args:
+      start, length: [R] float32 RoI start and size on this axis (after the aligned offset).
+      bins: output size on this axis.
+      extent: [R] int32 the map's size for the border rules (<= width).
+      width: static number of columns (the mask's static size).
+    """
+    n = tf.math.ceil(length / bins)  # [R]
+    nf = tf.maximum(n, 1.0)
+    step = length / bins
+    spacing = step / nf
+    safe = tf.where(spacing > 0.0, spacing, 1.0)
+    base = start[:, None] + tf.range(bins, dtype=tf.float32)[None, :] * step[:, None]  # [R, b]
+    # First sample at or before -1 (one earlier than the formula, against rounding).
+    k0 = tf.math.ceil((-1.0 - base) / safe[:, None] - 0.5) - 1.0
+    k0 = tf.clip_by_value(k0, 0.0, tf.maximum(n - 1.0, 0.0)[:, None])
+    k = k0[..., None] + tf.range(2 * width + 5, dtype=tf.float32)  # [R, b, J]
+    pos = base[..., None] + (k + 0.5) * spacing[:, None, None]
+    ext = tf.cast(extent, tf.float32)[:, None, None]
+    low, high, frac, inside = _neighbours(pos, ext)
+    weight = tf.where(inside & (k < n[:, None, None]), 1.0 / nf[:, None, None], 0.0)
+    rows = tf.cast(tf.concat([low, high], axis=-1), tf.int32)  # [R, b, 2J]
+    values = tf.concat([weight * (1.0 - frac), weight * frac], axis=-1)
+    r = tf.shape(start)[0]
+    segments = tf.reshape(tf.range(r * bins), [r, bins, 1]) * width + rows
+    flat = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(segments, [-1]),
+                                        r * bins * width)
+    return tf.reshape(flat, [r, bins, width])
+
+
 def adaptive_window(box, size, output_size, aligned: bool):
     """The window of the map one RoI's adaptive samples touch, and its per-axis weights.
 

@@ -1,9 +1,10 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from mrcnn_tf.ops.masks import crop_masks, paste_masks, roi_align_masks
+from mrcnn_tf.ops.masks import crop_masks, paste_masks, roi_align_masks, roi_align_masks_static
 
 
 def test_crop_hand_computed():
@@ -86,10 +87,12 @@ def test_roi_align_masks_hand_computed():
     np.testing.assert_allclose(out[0, 0], [[0.75, 0], [0.75, 0]], atol=1e-6)
 
 
-def test_roi_align_masks_equals_numpy_reference_with_content_sizes():
+@pytest.mark.parametrize("crop", [roi_align_masks, roi_align_masks_static])
+def test_roi_align_masks_equals_numpy_reference_with_content_sizes(crop):
     """Adaptive sampling on random masks and boxes (sub-pixel to larger than the image, across
     its border), two images whose content is smaller than the padded tensor: the border rules
-    apply at the content edge, as in the references where the mask has the image's size."""
+    apply at the content edge, as in the references where the mask has the image's size. The
+    static-shape version (XLA) gives the same numbers."""
     from tests.ops.reference import roi_align
 
     rng = np.random.default_rng(0)
@@ -104,10 +107,31 @@ def test_roi_align_masks_equals_numpy_reference_with_content_sizes():
     boxes = np.stack([y1, x1, y1 + side[..., 0], x1 + side[..., 1]], -1).astype(np.float32)
     index = rng.integers(0, 3, (2, n)).astype(np.int32)
     for aligned in (False, True):
-        out = roi_align_masks(masks, boxes, index, sizes, 28, aligned).numpy()
+        out = crop(masks, boxes, index, sizes, 28, aligned).numpy()
         for b in range(2):
             h, w = sizes[b]
             for r in range(n):
                 feat = masks[b, index[b, r], :h, :w, None]
                 ref = roi_align(feat, boxes[b, r], 28, 28, 1.0, 0, aligned)[..., 0]
                 np.testing.assert_allclose(out[b, r], ref, atol=1e-5, err_msg=f"{b} {r}")
+
+
+def test_static_mask_targets_equal_the_windowed_ones_for_any_roi_size():
+    """roi_align_masks_static (per-axis weights over the whole mask, static shapes) against
+    roi_align_masks (per-RoI windows) on 20 random mask sizes: RoIs from empty and sub-pixel to
+    4x the mask, across every border, as mini-mask frames make them; both alignments."""
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(12, 90, 2))
+        masks = (rng.random((2, 3, h, w)) > 0.5).astype(np.uint8)
+        corner = rng.uniform(-30, max(h, w) + 30, (2, 16, 2))
+        side = rng.uniform(0, 4 * max(h, w), (2, 16, 2)) * (rng.random((2, 16, 1)) > 0.1)
+        boxes = np.concatenate([corner, corner + side], -1).astype(np.float32)
+        index = rng.integers(0, 3, (2, 16)).astype(np.int32)
+        sizes = np.array([[h, w], [rng.integers(8, h + 1), rng.integers(8, w + 1)]], np.int32)
+        for aligned in (True, False):
+            a = roi_align_masks(masks, boxes, index, sizes, 28, aligned).numpy()
+            b = roi_align_masks_static(masks, boxes, index, sizes, 28, aligned).numpy()
+            worst = max(worst, float(np.abs(a - b).max()))
+    assert worst < 1e-5, worst

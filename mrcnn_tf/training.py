@@ -61,6 +61,17 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
+def check_xla_devices(strategy, jit_compile: bool):
+    """Refuses XLA over several CPU devices (``--cpu_replicas``): XLA compiles each replica's
+    step for the first CPU, where the other replicas' variables are not (plain Keras fails the
+    same way; https://www.tensorflow.org/xla/known_issues). GPUs and TPUs are separate devices."""
+    devices = list(getattr(strategy.extended, "worker_devices", ()))
+    if jit_compile and len(devices) > 1 and all("CPU" in d.upper() for d in devices):
+        raise ValueError("train.jit_compile=true cannot run mirrored over logical CPU devices "
+                         "(--cpu_replicas): XLA compiles for one CPU device and the other "
+                         "replicas' variables live elsewhere; use one CPU replica, or GPUs")
+
+
 def _is_tpu(strategy) -> bool:
     return isinstance(strategy, tf.distribute.TPUStrategy)
 
@@ -270,9 +281,11 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
 
     info = source_info(config, training=True)
     require_data(config, info)
+    jit = config.train.jit_compile or _is_tpu(strategy)
+    check_xla_devices(strategy, jit)
     with strategy.scope():
         model = build_model(config)
-        model.compile(jit_compile=config.train.jit_compile or _is_tpu(strategy))
+        model.compile(jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
     dataset = _distributed_dataset(config, strategy, info)
     manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer), ckpt_dir,

@@ -641,3 +641,22 @@ def test_tpu_strategy_without_a_tpu_says_so():
     assert "tpu" in STRATEGIES
     with pytest.raises(ValueError, match="--strategy tpu: no TPU found"):
         make_strategy("tpu")
+
+
+def test_xla_over_logical_cpu_replicas_is_refused_with_the_reason():
+    """XLA cannot run mirrored over logical CPU devices (plain Keras fails the same way): the
+    run stops before building anything, naming the setting; one CPU or several GPUs pass."""
+    import types
+
+    from mrcnn_tf.training import check_xla_devices
+
+    def strategy(*devices):
+        return types.SimpleNamespace(extended=types.SimpleNamespace(worker_devices=devices))
+
+    cpus = strategy("/job:localhost/replica:0/task:0/device:CPU:0",
+                    "/job:localhost/replica:0/task:0/device:CPU:1")
+    with pytest.raises(ValueError, match="train.jit_compile=true cannot run mirrored"):
+        check_xla_devices(cpus, True)
+    check_xla_devices(cpus, False)
+    check_xla_devices(strategy("/job:localhost/replica:0/task:0/device:CPU:0"), True)
+    check_xla_devices(strategy("/device:GPU:0", "/device:GPU:1"), True)

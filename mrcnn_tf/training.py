@@ -65,8 +65,10 @@ def check_xla_devices(strategy, jit_compile: bool):
     """Refuses XLA over several CPU devices (``--cpu_replicas``): XLA compiles each replica's
     step for the first CPU, where the other replicas' variables are not (plain Keras fails the
     same way; https://www.tensorflow.org/xla/known_issues). GPUs and TPUs are separate devices."""
-    devices = list(getattr(strategy.extended, "worker_devices", ()))
-    if jit_compile and len(devices) > 1 and all("CPU" in d.upper() for d in devices):
+    if not jit_compile or strategy.num_replicas_in_sync < 2:
+        return  # (the default strategy has no worker_devices)
+    devices = list(strategy.extended.worker_devices)
+    if len(devices) > 1 and all("CPU" in d.upper() for d in devices):
         raise ValueError("train.jit_compile=true cannot run mirrored over logical CPU devices "
                          "(--cpu_replicas): XLA compiles for one CPU device and the other "
                          "replicas' variables live elsewhere; use one CPU replica, or GPUs")

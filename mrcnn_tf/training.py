@@ -30,7 +30,7 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
     that many logical devices and mirrors over them (``mirrored`` only; for testing distribution
     on a machine without GPUs). ``tpu`` connects to the TPU that ``TPUClusterResolver`` finds
     (on a Cloud TPU VM, or named by ``TPU_NAME``); the model must then have the settings XLA needs
-    (:meth:`mrcnn_tf.model.MaskRCNN.xla_blockers`), which the training step checks. The step
+    (:meth:`mrcnn_tf.model.MaskRCNN.xla_blockers`), which ``compile`` checks. The step
     compiles with XLA on CPU (tests); no TPU was available to run it on.
     """
     if cpu_replicas > 1:

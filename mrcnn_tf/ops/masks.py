@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mrcnn_tf.ops.roi_align import adaptive_window, axis_weights_static, roi_align_flat
+from mrcnn_tf.ops.roi_align import adaptive_window, axis_weights_static, roi_align_flat, roi_extent
 
 
 def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, output_size: int = 28,
@@ -110,11 +110,7 @@ def roi_align_masks_static(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.
     which = tf.reshape(tf.range(batch)[:, None] * num_masks + tf.cast(mask_indices, tf.int32),
                        [-1])
     sizes = tf.reshape(tf.repeat(tf.cast(content_sizes, tf.int32), r, axis=0), [-1, 2])
-    offset = 0.5 if aligned else 0.0
-    y1, x1, y2, x2 = tf.unstack(boxes - offset, 4, axis=-1)
-    h, w = y2 - y1, x2 - x1
-    if not aligned:
-        h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
+    y1, x1, h, w = roi_extent(boxes, aligned)
     wy = axis_weights_static(y1, h, output_size, sizes[:, 0], height)  # [R, out, H]
     wx = axis_weights_static(x1, w, output_size, sizes[:, 1], width)  # [R, out, W]
 

@@ -161,6 +161,16 @@ def _axis_weights(start, length, bins: int, extent):
     return tf.reshape(flat, tf.stack([bins, extent]))
 
 
+def roi_extent(boxes, aligned: bool):
+    """(y1, x1, h, w) of (y1, x1, y2, x2) boxes [..., 4] as RoIAlign samples them: shifted by
+    half a pixel (aligned), or at least 1x1 (not aligned, torchvision's legacy rule)."""
+    y1, x1, y2, x2 = tf.unstack(boxes - (0.5 if aligned else 0.0), 4, axis=-1)
+    h, w = y2 - y1, x2 - x1
+    if not aligned:
+        h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
+    return y1, x1, h, w
+
+
 def axis_weights_static(start, length, bins: int, extent, width: int):
     """:func:`_axis_weights` for a batch of RoIs on static shapes (XLA): [R, bins, width].
 
@@ -212,11 +222,7 @@ def adaptive_window(box, size, output_size, aligned: bool):
       RoIAlign is ``wy @ map[r0:r1, c0:c1] @ wx^T``.
     """
     out_h, out_w = _as_pair(output_size)
-    offset = 0.5 if aligned else 0.0
-    y1, x1, y2, x2 = tf.unstack(box - offset)
-    h, w = y2 - y1, x2 - x1
-    if not aligned:
-        h, w = tf.maximum(h, 1.0), tf.maximum(w, 1.0)
+    y1, x1, h, w = roi_extent(box, aligned)
     # The rows/columns any sample can touch, clipped to the map.
     r0 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1, 0.0)), tf.int32), 0, size[0] - 1)
     r1 = tf.clip_by_value(tf.cast(tf.floor(tf.maximum(y1 + h, 0.0)), tf.int32) + 2, 1, size[0])

@@ -87,13 +87,14 @@ def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_siz
     base = tf.cast(box_indices, tf.int32)[:, None, None] * height
     grads = tf.cast(grads, tf.float32)
     channels = tf.shape(grads)[3]
-    # The four neighbours of every sample in one sum: [R, h, w, 4] weights and flat indices.
-    weights = tf.stack([wy[:, :, None] * wx[:, None, :] for yy, wy in rows for xx, wx in cols], 3)
-    index = tf.stack([(base + yy[:, :, None]) * width + xx[:, None, :]
-                      for yy, wy in rows for xx, wx in cols], 3)
-    total = tf.math.unsorted_segment_sum(
-        tf.reshape(grads[:, :, :, None, :] * weights[..., None], tf.stack([-1, channels])),
-        tf.reshape(index, [-1]), n * height * width)
+    total = 0.0
+    for yy, wy in rows:
+        for xx, wx in cols:
+            weight = wy[:, :, None] * wx[:, None, :]  # [R, h, w]
+            index = (base + yy[:, :, None]) * width + xx[:, None, :]
+            total += tf.math.unsorted_segment_sum(
+                tf.reshape(grads * weight[..., None], tf.stack([-1, channels])),
+                tf.reshape(index, [-1]), n * height * width)
     return tf.reshape(total, image_shape)
 
 

@@ -33,7 +33,7 @@ def training_steps(state: dict, step, warmup_steps: int, steps: int, batch: int,
         calls = state.get("calls", 0)
         n = {0: 1, 1: warmup_steps}.get(calls, steps)
         state["calls"] = calls + 1
-        times, traced = [], []
+        times, traced, loss = [], [], None  # n is 0 for --e2e_warmup 0
         for _ in range(n):
             before = traces() if traces else 0
             t0 = time.perf_counter()

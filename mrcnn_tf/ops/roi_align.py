@@ -62,30 +62,26 @@ def _edge_pad(image):
     return tf.concat([padded[:, :, :1], padded, padded[:, :, -1:]], axis=2)
 
 
-def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_size,
-                                edge_padded: bool = False):
-    """The gradient of ``tf.image.crop_and_resize`` (bilinear, extrapolation outside [0, size -
-    1]) w.r.t. its image: each crop sample's gradient split onto its four neighbours with the
-    bilinear weights, summed by ``unsorted_segment_sum`` (exact on every device).
+def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_size):
+    """The gradient w.r.t. ``image`` of ``tf.image.crop_and_resize(_edge_pad(image), boxes, ...)``
+    (bilinear, extrapolation outside the padded map): each crop sample's gradient split onto its
+    four neighbours with the bilinear weights, summed by ``unsorted_segment_sum`` (exact on every
+    device). A neighbour in the pad adds to the edge pixel it repeats, so no padded-size gradient
+    is built.
 
     Args:
-      grads: [R, h, w, C]; boxes: [R, 4] normalised; box_indices: [R] int32;
-      image_shape: [N, H, W, C] int32; crop_size: (h, w) ints.
-      edge_padded: the crops were taken from :func:`_edge_pad` of the image (boxes normalised
-        to the padded map); the gradient is then the unpadded image's, each border sample's
-        share added to the edge pixel it repeats (no padded-size gradient is materialised).
+      grads: [R, h, w, C]; boxes: [R, 4] normalised to the padded map; box_indices: [R] int32;
+      image_shape: [N, H, W, C] int32 (unpadded); crop_size: (h, w) ints.
     Returns:
       [N, H, W, C] float32.
     """
     n, height, width = image_shape[0], image_shape[1], image_shape[2]
-    pad = 2 if edge_padded else 0
 
     def axis(lo, hi, size, out: int):
-        """Neighbour indices (into the unpadded axis), weights and in-range flags along one
-        axis, each [R, out], with the kernel's own arithmetic (crop_and_resize_op.cc) on the
-        sampled map's ``size + pad`` pixels."""
-        sampled = size + pad
-        extent = tf.cast(sampled - 1, tf.float32)
+        """Unpadded neighbour indices and weights along one axis of ``size`` pixels, each
+        [R, out], with the kernel's own arithmetic (crop_and_resize_op.cc) on the padded
+        ``size + 2``."""
+        extent = tf.cast(size + 1, tf.float32)
         if out > 1:
             step = (hi - lo)[:, None] * extent / (out - 1)
             pos = lo[:, None] * extent + tf.range(out, dtype=tf.float32)[None, :] * step
@@ -94,12 +90,10 @@ def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_siz
         inside = tf.cast((pos >= 0.0) & (pos <= extent), tf.float32)
         low = tf.floor(pos)
         frac = pos - low
-        low = tf.clip_by_value(tf.cast(low, tf.int32), 0, sampled - 1)
-        high = tf.minimum(low + 1, sampled - 1)
-        if edge_padded:
-            low = tf.clip_by_value(low - 1, 0, size - 1)
-            high = tf.clip_by_value(high - 1, 0, size - 1)
-        return ((low, (1.0 - frac) * inside), (high, frac * inside))
+        # Padded pixel p repeats unpadded pixel clip(p - 1, 0, size - 1).
+        low = tf.cast(low, tf.int32)
+        return ((tf.clip_by_value(low - 1, 0, size - 1), (1.0 - frac) * inside),
+                (tf.clip_by_value(low, 0, size - 1), frac * inside))
 
     rows = axis(boxes[:, 0], boxes[:, 2], height, crop_size[0])
     cols = axis(boxes[:, 1], boxes[:, 3], width, crop_size[1])
@@ -117,30 +111,28 @@ def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_siz
     return tf.reshape(total, image_shape)
 
 
-def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, crop_size,
-                    edge_pad: bool = False) -> tf.Tensor:
-    """``tf.image.crop_and_resize`` (bilinear, zero extrapolation) with an exact gradient to
-    ``image`` (see the module docstring); no gradient to ``boxes``.
+def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, crop_size
+                    ) -> tf.Tensor:
+    """``tf.image.crop_and_resize`` (bilinear, zero extrapolation) of :func:`_edge_pad` of
+    ``image``, with an exact gradient straight to the unpadded ``image`` (see the module
+    docstring; the pad's own gradient, strided-slice gradients of the full map added up, is not
+    built); no gradient to ``boxes``.
 
     Args:
-      image: [N, H, W, C] float32; boxes: [R, 4] normalised (y1, x1, y2, x2);
-      box_indices: [R] int32; crop_size: (h, w) ints.
-      edge_pad: crop from :func:`_edge_pad` of the image ([N, H + 2, W + 2, C]; ``boxes`` are
-        normalised to that padded map). The gradient goes straight to the unpadded image: the
-        pad's own gradient (strided-slice gradients of the full map, added up) is not built.
+      image: [N, H, W, C] float32; boxes: [R, 4] (y1, x1, y2, x2) normalised to the padded
+        [N, H + 2, W + 2, C] map; box_indices: [R] int32; crop_size: (h, w) ints.
     Returns:
       [R, h, w, C] float32.
     """
 
     @tf.custom_gradient
     def forward(image):
-        source = _edge_pad(image) if edge_pad else image
-        out = tf.image.crop_and_resize(source, tf.stop_gradient(boxes), box_indices, crop_size,
-                                       method="bilinear", extrapolation_value=0.0)
+        out = tf.image.crop_and_resize(_edge_pad(image), tf.stop_gradient(boxes), box_indices,
+                                       crop_size, method="bilinear", extrapolation_value=0.0)
 
         def grad(dy):
             return _crop_and_resize_image_grad(dy, boxes, box_indices, tf.shape(image),
-                                               crop_size, edge_padded=edge_pad)
+                                               crop_size)
 
         return out, grad
 
@@ -348,9 +340,8 @@ def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor
     norm_w = tf.cast(shape[2] + 1, tf.float32)
     crop_boxes = tf.stack([(first_y + 1.0) / norm_h, (first_x + 1.0) / norm_w,
                            (last_y + 1.0) / norm_h, (last_x + 1.0) / norm_w], axis=-1)
-    # Sampled from the map with its border rows and columns repeated once (_edge_pad).
     crops = crop_and_resize(image, crop_boxes, tf.cast(box_indices, tf.int32),
-                            (out_h * ratio, out_w * ratio), edge_pad=True)  # float32
+                            (out_h * ratio, out_w * ratio))  # float32
     if ratio > 1:
         # The mean of each ratio x ratio block of samples. An average pool, not a reduce_mean over
         # a [R, out_h, ratio, out_w, ratio, C] view: the strided reduction was the slowest op of

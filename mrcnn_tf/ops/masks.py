@@ -34,9 +34,6 @@ def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor, outp
     return tf.reshape(out, [batch, r, output_size, output_size])
 
 
-# A graph function even when called eagerly: an eager map_fn runs its body in Python per RoI
-# (minutes for a few thousand RoIs). Inside a traced train step it is inlined.
-@tf.function(reduce_retracing=True)
 def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
                     content_sizes: tf.Tensor, output_size: int = 28, aligned: bool = True
                     ) -> tf.Tensor:
@@ -64,6 +61,15 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
     starts at -0.5 and each bin has 2 x 2 samples, at x = 0 and 1 in the left bins (-> 1.0) and
     x = 2 and 3 in the right ones (-> 0.0).
     """
+    args = (masks, boxes, mask_indices, content_sizes, int(output_size), bool(aligned))
+    if tf.executing_eagerly():
+        # A graph function: an eager map_fn runs its body in Python, once per RoI (minutes for
+        # a few thousand RoIs).
+        return _roi_align_masks_graph(*args)
+    return _roi_align_masks(*args)
+
+
+def _roi_align_masks(masks, boxes, mask_indices, content_sizes, output_size, aligned):
     masks = tf.convert_to_tensor(masks)
     shape = tf.shape(masks)
     batch, num_masks = shape[0], shape[1]
@@ -83,6 +89,10 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
     out = tf.map_fn(one, (boxes, which, sizes), parallel_iterations=16,
                     fn_output_signature=tf.TensorSpec([output_size, output_size], tf.float32))
     return tf.reshape(out, tf.stack([batch, r, output_size, output_size]))
+
+
+# The code writes its loops with TensorFlow ops: nothing for AutoGraph to convert.
+_roi_align_masks_graph = tf.function(_roi_align_masks, reduce_retracing=True, autograph=False)
 
 
 def roi_align_masks_static(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,

@@ -59,7 +59,7 @@ def _greedy_loop(ranked_boxes, alive, iou_threshold: float):
     return keep
 
 
-_greedy_loop_graph = tf.function(_greedy_loop, reduce_retracing=True)
+_greedy_loop_graph = tf.function(_greedy_loop, reduce_retracing=True, autograph=False)
 
 
 def _first_kept(keep, k: int):

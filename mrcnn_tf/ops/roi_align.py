@@ -295,7 +295,7 @@ def _adaptive(features, boxes, box_indices, output_size, aligned, channels):
     return tf.cast(out, features.dtype)
 
 
-_adaptive_graph = tf.function(_adaptive, reduce_retracing=True)
+_adaptive_graph = tf.function(_adaptive, reduce_retracing=True, autograph=False)
 
 
 def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,

@@ -96,13 +96,25 @@ class SGD(keras.optimizers.Optimizer):
         self._decayed = [decays(v.path, self.weight_decay_params) for v in variables]
 
     def update_step(self, gradient, variable, learning_rate):
+        """One variable's update. On TensorFlow variables (what Keras' TensorFlow trainer hands
+        over, per device under a distribution strategy) the momentum step is one fused kernel,
+        ``ResourceApplyMomentum`` (accum = momentum * accum + d; w -= lr * accum, not
+        Nesterov): the same arithmetic as the generic path below in 1 op instead of about 10
+        per variable, which is 1,200 fewer ops to trace and optimise in an R50-FPN step."""
         index = self._get_variable_index(variable)
         lr = ops.cast(learning_rate, variable.dtype)
         d = ops.cast(gradient, variable.dtype)
         if self.coupled_weight_decay and self._decayed[index]:
             d = d + ops.cast(self.coupled_weight_decay, variable.dtype) * variable
         buf = self.momentum_buffers[index]
-        self.assign(buf, ops.cast(self.momentum, variable.dtype) * buf + d)
+        momentum = ops.cast(self.momentum, variable.dtype)
+        buf_tf = getattr(buf, "value", buf)
+        if isinstance(variable, tf.Variable) and isinstance(buf_tf, tf.Variable) \
+                and isinstance(d, tf.Tensor):
+            tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=buf_tf.handle, lr=lr,
+                                             grad=d, momentum=momentum, use_nesterov=False)
+            return
+        self.assign(buf, momentum * buf + d)
         self.assign_sub(variable, lr * buf)
 
     def get_config(self):

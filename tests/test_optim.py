@@ -68,7 +68,7 @@ def test_schedule_matches_torchvision_linear_lr_warmup():
 
 
 def test_sgd_update_is_one_fused_kernel_per_variable_in_a_graph():
-    """Inside a traced step the update is ResourceApplyMomentum (1 op per variable, not ~10),
+    """Inside a traced step the update is ResourceApplyMomentum (1 op per variable, not ~7),
     with the same numbers as torch.optim.SGD."""
     import tensorflow as tf
 

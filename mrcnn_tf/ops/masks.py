@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mrcnn_tf.ops._graph import graph_when_eager
 from mrcnn_tf.ops.roi_align import adaptive_window, axis_weights_static, roi_align_flat, roi_extent
 
 
@@ -61,14 +62,11 @@ def roi_align_masks(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,
     starts at -0.5 and each bin has 2 x 2 samples, at x = 0 and 1 in the left bins (-> 1.0) and
     x = 2 and 3 in the right ones (-> 0.0).
     """
-    args = (masks, boxes, mask_indices, content_sizes, int(output_size), bool(aligned))
-    if tf.executing_eagerly():
-        # A graph function: an eager map_fn runs its body in Python, once per RoI (minutes for
-        # a few thousand RoIs).
-        return _roi_align_masks_graph(*args)
-    return _roi_align_masks(*args)
+    return _roi_align_masks(masks, boxes, mask_indices, content_sizes, int(output_size),
+                            bool(aligned))
 
 
+@graph_when_eager
 def _roi_align_masks(masks, boxes, mask_indices, content_sizes, output_size, aligned):
     masks = tf.convert_to_tensor(masks)
     shape = tf.shape(masks)
@@ -89,10 +87,6 @@ def _roi_align_masks(masks, boxes, mask_indices, content_sizes, output_size, ali
     out = tf.map_fn(one, (boxes, which, sizes), parallel_iterations=16,
                     fn_output_signature=tf.TensorSpec([output_size, output_size], tf.float32))
     return tf.reshape(out, tf.stack([batch, r, output_size, output_size]))
-
-
-# The code writes its loops with TensorFlow ops: nothing for AutoGraph to convert.
-_roi_align_masks_graph = tf.function(_roi_align_masks, reduce_retracing=True, autograph=False)
 
 
 def roi_align_masks_static(masks: tf.Tensor, boxes: tf.Tensor, mask_indices: tf.Tensor,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mrcnn_tf.ops._graph import graph_when_eager
+
 # Scores of rows that must never be selected; any real score (probability or logit) is above it.
 INVALID_SCORE = -1e30
 
@@ -34,15 +36,8 @@ def _iou_rows(box, boxes):
     return tf.math.divide_no_nan(inter, area(box) + area(boxes) - inter)
 
 
+@graph_when_eager
 def _greedy_keep(ranked_boxes, alive, iou_threshold: float):
-    """See :func:`_greedy_loop`; called eagerly, it runs as a graph function (an eager
-    while_loop runs its body in Python, once per box)."""
-    if tf.executing_eagerly():
-        return _greedy_loop_graph(ranked_boxes, alive, iou_threshold)
-    return _greedy_loop(ranked_boxes, alive, iou_threshold)
-
-
-def _greedy_loop(ranked_boxes, alive, iou_threshold: float):
     """Greedy NMS over boxes already in decreasing score order: ``alive`` [..., N] bool, boxes
     [..., N, 4]. Box i, if still kept when its turn comes, suppresses every later box whose IoU
     with it is > ``iou_threshold``. Returns the kept mask [..., N]."""
@@ -57,9 +52,6 @@ def _greedy_loop(ranked_boxes, alive, iou_threshold: float):
     # n is a loop variable, not a capture, so that converters (tf2onnx) bind the condition.
     _, _, keep = tf.while_loop(lambda i, n, keep: i < n, body, (tf.constant(0), n, alive))
     return keep
-
-
-_greedy_loop_graph = tf.function(_greedy_loop, reduce_retracing=True, autograph=False)
 
 
 def _first_kept(keep, k: int):

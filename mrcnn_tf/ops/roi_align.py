@@ -39,6 +39,8 @@ import math
 
 import tensorflow as tf
 
+from mrcnn_tf.ops._graph import graph_when_eager
+
 
 def _as_pair(size) -> tuple[int, int]:
     if isinstance(size, int):
@@ -268,15 +270,13 @@ def roi_align_adaptive_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: 
     channels = features.shape[-1]
     if channels is None:
         raise ValueError("roi_align (adaptive): the features' channel count must be static")
-    args = (features, boxes, box_indices, _as_pair(output_size), bool(aligned), int(channels))
-    if tf.executing_eagerly():
-        # A graph function: an eager map_fn runs its body in Python, once per RoI. The output
-        # size, alignment and channels are Python values, so each keeps its own trace (an
-        # empty list of RoIs needs the fully defined element shape).
-        return _adaptive_graph(*args)
-    return _adaptive(*args)
+    # The output size, alignment and channels are Python values, so each keeps its own trace
+    # of the eager graph function (an empty list of RoIs needs the fully defined element shape).
+    return _adaptive(features, boxes, box_indices, _as_pair(output_size), bool(aligned),
+                     int(channels))
 
 
+@graph_when_eager
 def _adaptive(features, boxes, box_indices, output_size, aligned, channels):
     out_h, out_w = output_size
     image = tf.cast(features, tf.float32)
@@ -293,9 +293,6 @@ def _adaptive(features, boxes, box_indices, output_size, aligned, channels):
     out = tf.map_fn(one, (boxes, tf.cast(box_indices, tf.int32)), parallel_iterations=16,
                     fn_output_signature=tf.TensorSpec([out_h, out_w, channels], tf.float32))
     return tf.cast(out, features.dtype)
-
-
-_adaptive_graph = tf.function(_adaptive, reduce_retracing=True, autograph=False)
 
 
 def roi_align_flat(features: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, output_size,

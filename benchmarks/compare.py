@@ -20,7 +20,8 @@ its process's peak resident memory. Pairs:
 - end-to-end training (``e2e``), what users run, batch 1 and 2 on the coco128 photos, one process
   at a time like the pipelines: ours is build_dataset + the model's fit train function (its
   canvases, one trace per canvas), torchvision its reference loop (DataLoader with 2 workers,
-  aspect-ratio grouped batches, its in-model resize and batch padding), Model Garden its input
+  aspect-ratio grouped batches, its in-model resize and batch padding; first the same batches of
+  the same photos as ours, whose seeded order is listed beforehand), Model Garden its input
   pipeline + its task's train_step (1024 square, ours configured as that model). Each process
   times its first step, then ``--e2e_warmup`` warm-up steps and ``--e2e_steps`` timed steps.
   Ours traces a graph the first time a batch of a new canvas arrives (at most 8 per run); a
@@ -296,11 +297,15 @@ def main(argv=None) -> int:
     info = prepare_inputs(pathlib.Path(args.data), work)
     inputs = info["inputs"]
 
-    plan = []
+    plan, prepare = [], []
     for precision in args.precision.split(","):
-        plan += _plan(args, precision, only, peers, info, inputs)
-    results = {}
+        p_plan, p_prepare = _plan(args, precision, only, peers, info, inputs, work)
+        plan += p_plan
+        prepare += p_prepare
     t0 = time.time()
+    for cmd in prepare:  # the photo order both sides of an e2e pair train on
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    results = {}
     for name, measure, workers in plan:
         tag = "-".join([measure, workers[1][0]] + [part.replace(" ", "") for part in
                                                    name.split("(")[1].rstrip(")").split(", ")[1:]])
@@ -323,23 +328,30 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plan(args, precision, only, peers, info, inputs):
-    """(name, measure, [(label, command), ...]) of every pair at one precision."""
+def _plan(args, precision, only, peers, info, inputs, work):
+    """(name, measure, [(label, command), ...]) of every pair at one precision, and the commands
+    to run before them (each writes the photo order of an e2e pair)."""
     def ours(measure, peer, *extra):
         return [args.ours_python, str(WORKERS / "ours.py"), "--measure", measure, "--peer", peer,
                 "--inputs", inputs, "--precision", precision, *extra]
 
-    plan = []
+    plan, prepare = [], []
     if ("e2e" in only or "e2e_square" in only) and precision == "fp32":
         for batch in args.batches.split(","):
             e2e = ["--measure", "e2e", "--batch", batch, "--steps", str(args.e2e_steps),
                    "--warmup_steps", str(args.e2e_warmup), "--inputs", inputs, "--data_dir",
                    args.data]
             if "e2e" in only and "torchvision" in peers:
+                # Ours reads the photos in a seeded order; torchvision trains on the same
+                # batches in the same order, listed beforehand.
+                order = str(work / f"order-batch{batch}.json")
+                count = 1 + args.e2e_warmup + args.e2e_steps
+                prepare.append(ours("order", "torchvision", "--batch", batch, "--count",
+                                    str(count), "--order_out", order, "--data_dir", args.data))
                 plan.append((f"e2e (torchvision, coco128, batch {batch}, {precision})", "e2e", [
                     ("ours", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data)),
                     ("torchvision", [args.torch_python, str(WORKERS / "torchvision_worker.py"),
-                                     *e2e])]))
+                                     *e2e, "--order", order])]))
             if "e2e_square" in only:
                 plan.append((f"e2e (ours square, coco128, batch {batch}, {precision})", "e2e", [
                     ("ours", ours("e2e", "torchvision", *e2e[2:8], "--data_dir", args.data)),
@@ -380,7 +392,7 @@ def _plan(args, precision, only, peers, info, inputs):
                          [("ours", ours("data", "modelgarden", "--data_dir", args.data)),
                           ("modelgarden", mg + ["--measure", "data", "--tfrecord",
                                                 info["coco128_tfrecord"]])]))
-    return plan
+    return plan, prepare
 
 
 def _cpu_name() -> str:

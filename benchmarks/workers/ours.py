@@ -1,7 +1,13 @@
 """Benchmark worker for mrcnn_tf (our venv). See protocol.py.
 
-    python benchmarks/workers/ours.py --measure inference|train|data --peer torchvision|modelgarden
-        --inputs inputs.npz [--data_dir coco128]
+    python benchmarks/workers/ours.py --measure inference|train|data|e2e
+        --peer torchvision|modelgarden --inputs inputs.npz [--data_dir coco128]
+    python benchmarks/workers/ours.py --measure order --peer torchvision --inputs inputs.npz
+        --data_dir coco128 --batch B --count N --order_out order.json
+
+``e2e`` reads coco128 in a seeded order (``data.deterministic=true``, ``train.seed``); ``order``
+writes the image ids of the first N batches of that order, so that a peer can train on the same
+photos in the same batches (``torchvision_worker.py --order``).
 """
 
 import argparse
@@ -37,7 +43,8 @@ PEER_CONFIGS = {
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--measure", required=True, choices=("inference", "train", "data", "e2e"))
+    p.add_argument("--measure", required=True,
+                   choices=("inference", "train", "data", "e2e", "order"))
     p.add_argument("--peer", required=True, choices=tuple(PEER_CONFIGS))
     p.add_argument("--inputs", required=True)
     p.add_argument("--data_dir", default=None, help="coco128 folder (measure=data)")
@@ -47,6 +54,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per run (measure=e2e)")
     p.add_argument("--warmup_steps", type=int, default=5,
                    help="steps of the second call, the warm-up (measure=e2e)")
+    p.add_argument("--count", type=int, default=0, help="batches to list (measure=order)")
+    p.add_argument("--order_out", default=None, help="JSON file (measure=order)")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: Keras mixed_bfloat16 (bfloat16 compute, float32 weights)")
@@ -69,14 +78,19 @@ def main():
     overrides = list(overrides)
     if args.precision == "bf16":
         overrides.append("train.mixed_precision=mixed_bfloat16")
-    if args.measure in ("data", "e2e"):
+    if args.measure in ("data", "e2e", "order"):
         batch = 8 if args.measure == "data" else args.batch
         overrides += ["model.num_classes=80", "data.train.source=coco",
                       f"data.train.annotation_file={args.data_dir}/annotations/"
                       "instances_train2017.json",
                       f"data.train.image_dir={args.data_dir}/train2017",
                       f"train.batch_size={batch}", "data.cache=false"]
+    if args.measure in ("e2e", "order"):
+        overrides.append("data.deterministic=true")  # a seeded order, which `order` lists
     cfg = mrcnn_tf.load_config(REPO / path, overrides + args.set)
+    if args.measure == "order":
+        _write_order(cfg, args.count, args.order_out)
+        return
     inputs = np.load(args.inputs)
     key = "800" if args.peer == "torchvision" else "1024"
     state = {}
@@ -166,6 +180,24 @@ def main():
 
     serve(run_once, build, {"config": path, "overrides": overrides, "precision": args.precision,
                             "input": list(image.shape), "pid": os.getpid()})
+
+
+def _write_order(cfg, count: int, path: str):
+    """The image ids of the first ``count`` training batches of ``cfg`` -> ``path`` (JSON list
+    of lists). The dataset is read twice and must give the same ids both times: the order
+    the e2e worker trains on is then this one."""
+    import json
+
+    from mrcnn_tf.data import build_dataset
+
+    def ids():
+        it = iter(build_dataset(cfg, training=True))
+        return [next(it)[1]["image_info"]["image_id"].numpy().tolist() for _ in range(count)]
+
+    first, second = ids(), ids()
+    if first != second:
+        sys.exit(f"order: two reads of the seeded dataset differ: {first[:4]} vs {second[:4]}")
+    pathlib.Path(path).write_text(json.dumps(first))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ photos: COCO JSON read with pycocotools, images without annotations dropped, PIL
 and RLE masks rasterised, random horizontal flip, batches of images of one aspect-ratio group
 (its GroupedBatchSampler, 3 bins per side), a DataLoader with 2 worker processes, the model's own
 resize (short 800, long <= 1333) and batch padding (multiple of 32), SGD (momentum 0.9, weight
-decay 1e-4, lr 0.02 * batch / 16).
+decay 1e-4, lr 0.02 * batch / 16). With ``--order`` (a JSON list of batches of COCO image ids,
+from ``ours.py --measure order``) it trains on those batches first, in that order: the photos
+ours trains on in the same run; grouped random batches follow.
 """
 
 import argparse
@@ -30,6 +32,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per run (measure=e2e)")
     p.add_argument("--warmup_steps", type=int, default=5,
                    help="steps of the second call, the warm-up (measure=e2e)")
+    p.add_argument("--order", default=None,
+                   help="JSON list of batches of image ids to train on first (measure=e2e)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: torch.autocast('cpu', dtype=torch.bfloat16) around the forward")
@@ -148,13 +152,22 @@ class CocoPhotos:
         return x, target
 
 
-def _grouped_batches(dataset, batch, torch):
+def _grouped_batches(dataset, batch, torch, order=None):
     """Batches of images of one aspect-ratio group, forever: the group of each image is its bin
     among 2 ** linspace(-1, 1, 7) (torchvision's create_aspect_ratio_groups with k=3), images in
-    random order, a group emitting a batch once it holds ``batch`` images."""
+    random order, a group emitting a batch once it holds ``batch`` images. ``order``, a list of
+    batches of image ids, comes first, as it is."""
     import bisect
 
     import numpy as np
+
+    if order:
+        where = {image_id: i for i, image_id in enumerate(dataset.ids)}
+        missing = sorted({j for ids in order for j in ids} - set(where))
+        if missing:
+            raise SystemExit(f"--order: image ids not among the annotated photos: {missing[:5]}")
+        for ids in order:
+            yield [where[j] for j in ids]
 
     bins = (2 ** np.linspace(-1, 1, 7)).tolist()
     groups = [bisect.bisect_right(bins, dataset.aspect_ratio(i)) for i in range(len(dataset))]
@@ -176,8 +189,14 @@ def _e2e(args, torch):
 
     def build():
         dataset = CocoPhotos(args.data_dir, torch)
+        order = None
+        if args.order:
+            import json
+
+            order = json.loads(pathlib.Path(args.order).read_text())
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_grouped_batches(dataset, args.batch, torch), num_workers=2,
+            dataset, batch_sampler=_grouped_batches(dataset, args.batch, torch, order),
+            num_workers=2,
             collate_fn=lambda items: tuple(zip(*items)), persistent_workers=True)
         state["data"] = iter(loader)
         backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)

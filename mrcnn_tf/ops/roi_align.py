@@ -67,9 +67,9 @@ def _edge_pad(image):
 def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_size):
     """The gradient w.r.t. ``image`` of ``tf.image.crop_and_resize(_edge_pad(image), boxes, ...)``
     (bilinear, extrapolation outside the padded map): each crop sample's gradient split onto its
-    four neighbours with the bilinear weights, summed by ``unsorted_segment_sum`` (exact on every
-    device). A neighbour in the pad adds to the edge pixel it repeats, so no padded-size gradient
-    is built.
+    four neighbours with the bilinear weights, summed by one ``unsorted_segment_sum`` over the
+    four (exact on every device). A neighbour in the pad adds to the edge pixel it repeats, so
+    no padded-size gradient is built.
 
     Args:
       grads: [R, h, w, C]; boxes: [R, 4] normalised to the padded map; box_indices: [R] int32;
@@ -80,9 +80,9 @@ def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_siz
     n, height, width = image_shape[0], image_shape[1], image_shape[2]
 
     def axis(lo, hi, size, out: int):
-        """Unpadded neighbour indices and weights along one axis of ``size`` pixels, each
-        [R, out], with the kernel's own arithmetic (crop_and_resize_op.cc) on the padded
-        ``size + 2``."""
+        """Unpadded indices and weights of the lower and upper neighbour along one axis of
+        ``size`` pixels, each [2, R, out], with the kernel's own arithmetic
+        (crop_and_resize_op.cc) on the padded ``size + 2``."""
         extent = tf.cast(size + 1, tf.float32)
         if out > 1:
             step = (hi - lo)[:, None] * extent / (out - 1)
@@ -94,22 +94,21 @@ def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_siz
         frac = pos - low
         # Padded pixel p repeats unpadded pixel clip(p - 1, 0, size - 1).
         low = tf.cast(low, tf.int32)
-        return ((tf.clip_by_value(low - 1, 0, size - 1), (1.0 - frac) * inside),
-                (tf.clip_by_value(low, 0, size - 1), frac * inside))
+        index = tf.stack([tf.clip_by_value(low - 1, 0, size - 1),
+                          tf.clip_by_value(low, 0, size - 1)])
+        return index, tf.stack([(1.0 - frac) * inside, frac * inside])
 
-    rows = axis(boxes[:, 0], boxes[:, 2], height, crop_size[0])
-    cols = axis(boxes[:, 1], boxes[:, 3], width, crop_size[1])
-    base = tf.cast(box_indices, tf.int32)[:, None, None] * height
+    rows, wy = axis(boxes[:, 0], boxes[:, 2], height, crop_size[0])
+    cols, wx = axis(boxes[:, 1], boxes[:, 3], width, crop_size[1])
+    base = tf.cast(box_indices, tf.int32)[:, None, None] * height  # [R, 1, 1]
+    # The four neighbours (row 2 x column 2) of every sample: [2, 2, R, h, w].
+    weight = wy[:, None, :, :, None] * wx[None, :, :, None, :]
+    index = (base + rows[:, None, :, :, None]) * width + cols[None, :, :, None, :]
     grads = tf.cast(grads, tf.float32)
     channels = tf.shape(grads)[3]
-    total = 0.0
-    for yy, wy in rows:
-        for xx, wx in cols:
-            weight = wy[:, :, None] * wx[:, None, :]  # [R, h, w]
-            index = (base + yy[:, :, None]) * width + xx[:, None, :]
-            total += tf.math.unsorted_segment_sum(
-                tf.reshape(grads * weight[..., None], tf.stack([-1, channels])),
-                tf.reshape(index, [-1]), n * height * width)
+    total = tf.math.unsorted_segment_sum(
+        tf.reshape(grads * weight[..., None], tf.stack([-1, channels])),
+        tf.reshape(index, [-1]), n * height * width)
     return tf.reshape(total, image_shape)
 
 

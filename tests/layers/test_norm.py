@@ -23,6 +23,39 @@ def test_contract_and_formula():
     np.testing.assert_allclose(layer(x, training=True).numpy(), layer(x).numpy())
 
 
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_frozen_bn_fused_kernel_is_the_formula_with_its_gradient(dtype, rtol):
+    """On [B, H, W, C] the layer runs FusedBatchNormV3 (inference mode); it must equal
+    x * scale + shift of torchvision's FrozenBatchNorm2d, and its gradient w.r.t. x must be
+    dy * scale, in float32 and in bfloat16 (mixed precision); rank 2 takes the mul-add form."""
+    rng = np.random.default_rng(3)
+    c = 16
+    layer = FrozenBatchNormalization(
+        epsilon=1e-5, dtype="mixed_bfloat16" if dtype == "bfloat16" else "float32")
+    layer.build((None, c))
+    gamma, beta = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.1, 3, c)
+    for w, v in zip((layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
+                    (gamma, beta, mean, var)):
+        w.assign(v.astype(np.float32))
+    scale = gamma / np.sqrt(var + 1e-5)
+    shift = beta - mean * scale
+    for shape in ((2, 5, 7, c), (3, c)):
+        x = rng.normal(size=shape).astype(np.float32) * 3
+        dy = rng.normal(size=shape).astype(np.float32)
+        xt = tf.cast(tf.constant(x), dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+        assert y.dtype == dtype
+        x_seen = tf.cast(xt, tf.float32).numpy()
+        np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), x_seen * scale + shift,
+                                   rtol=rtol, atol=rtol * 10)
+        grad = tf.cast(tape.gradient(loss, xt), tf.float32).numpy()
+        np.testing.assert_allclose(grad, dy * scale, rtol=rtol, atol=rtol)
+
+
 @pytest.mark.parametrize("kind", ["frozen_bn", "bn", "sync_bn", "group_norm"])
 def test_every_kind_normalises(kind):
     layer = make_norm(kind, "n", groups=2)

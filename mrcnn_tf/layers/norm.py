@@ -8,6 +8,23 @@ import tensorflow as tf
 NORMS = ("frozen_bn", "bn", "sync_bn", "group_norm", "none")
 
 
+def _fusable_input(x) -> bool:
+    """Whether TensorFlow's fused batch-norm kernel takes ``x``: [B, H, W, C] in a float dtype
+    it has a kernel for."""
+    return len(x.shape) == 4 and x.dtype in (tf.float32, tf.bfloat16, tf.float16)
+
+
+def _fused_inference(x, gamma, beta, mean, variance, epsilon: float):
+    """(x - mean) / sqrt(variance + epsilon) * gamma + beta on the last axis of [B, H, W, C]
+    ``x``, as one inference-mode FusedBatchNormV3 (statistics given, not computed); the
+    parameters are cast to float32, as the kernel takes them."""
+    f32 = [tf.cast(v, tf.float32) for v in (gamma, beta, mean, variance)]
+    y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=f32[0], offset=f32[1], mean=f32[2], variance=f32[3], epsilon=epsilon,
+        is_training=False)
+    return y
+
+
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class FrozenBatchNormalization(keras.layers.Layer):
     """Batch norm with fixed statistics and affine parameters (torchvision's FrozenBatchNorm2d).
@@ -32,13 +49,9 @@ class FrozenBatchNormalization(keras.layers.Layer):
                                                 trainable=False))
 
     def call(self, x):
-        if len(x.shape) == 4 and x.dtype in (tf.float32, tf.bfloat16, tf.float16):
-            y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=tf.cast(self.gamma, tf.float32), offset=tf.cast(self.beta, tf.float32),
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
-                is_training=False)
-            return y
+        if _fusable_input(x):
+            return _fused_inference(x, self.gamma, self.beta, self.moving_mean,
+                                    self.moving_variance, self.epsilon)
         scale = tf.cast(self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon), x.dtype)
         shift = tf.cast(self.beta, x.dtype) - tf.cast(self.moving_mean, x.dtype) * scale
         return x * scale + shift
@@ -63,15 +76,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
     """
 
     def _fusable(self, inputs):
-        return (len(inputs.shape) == 4 and not self.synchronized and self.axis in (-1, 3)
-                and self.center and self.scale and inputs.dtype in (tf.float32, tf.bfloat16,
-                                                                       tf.float16))
+        return (_fusable_input(inputs) and not self.synchronized and self.axis in (-1, 3)
+                and self.center and self.scale)
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs):
             return super().call(inputs, training=training, mask=mask)
-        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
         if training and self.trainable:
+            gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
             y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
                 x=inputs, scale=gamma, offset=beta, mean=tf.zeros_like(gamma),
                 variance=tf.ones_like(gamma), epsilon=self.epsilon, is_training=True)
@@ -80,11 +92,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self.moving_variance.assign(self.moving_variance * m
                                         + tf.stop_gradient(variance) * (1.0 - m))
             return y
-        y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
-            variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
-            is_training=False)
-        return y
+        return _fused_inference(inputs, self.gamma, self.beta, self.moving_mean,
+                                self.moving_variance, self.epsilon)
 
 
 def make_norm(kind: str, name: str, groups: int = 32, epsilon: float = 1e-5):

@@ -40,3 +40,35 @@ def test_odd_sizes_and_p5_only():
     assert "p6" not in FPN(channels=4, max_level=5)(feats)
     with pytest.raises(ValueError, match="max_level must be 5 or 6"):
         FPN(max_level=7)
+
+
+@pytest.mark.parametrize("h,w,like_h,like_w", [(4, 5, 8, 10), (4, 5, 7, 9), (3, 3, 5, 6),
+                                                (1, 1, 1, 2), (25, 34, 50, 68)])
+@pytest.mark.parametrize("static", [True, False])
+def test_upsample2x_is_repeat_then_crop_with_its_gradient(h, w, like_h, like_w, static):
+    """The broadcast upsampling equals np.repeat twice then the crop to ``like`` (odd sizes
+    included), with static or unknown shapes, and its gradient sums each kept 2x2 block."""
+    from mrcnn_tf.layers.fpn import _upsample2x_to
+
+    rng = np.random.default_rng(h * 100 + like_w)
+    x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+    like = np.zeros((2, like_h, like_w, 1), np.float32)
+    want = np.repeat(np.repeat(x, 2, 1), 2, 2)[:, :like_h, :like_w]
+    dy = rng.normal(size=want.shape).astype(np.float32)
+    want_grad = np.zeros_like(x)
+    for i in range(like_h):
+        for j in range(like_w):
+            want_grad[:, i // 2, j // 2] += dy[:, i, j]
+
+    def run(x, like):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = _upsample2x_to(x, like)
+        return y, tape.gradient(y, x, output_gradients=dy)
+
+    if not static:
+        run = tf.function(run, input_signature=[tf.TensorSpec([None, None, None, 3]),
+                                                tf.TensorSpec([None, None, None, 1])])
+    y, grad = run(tf.constant(x), tf.constant(like))
+    np.testing.assert_array_equal(y.numpy(), want)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-6, atol=1e-6)

@@ -3,8 +3,8 @@ in the first step against its effect on every later step.
 
     python benchmarks/grappler_ab.py [--rounds 2] [--pairs 6] [--output FILE]
 
-The first step instantiates the traced step, and grappler rewrites it then (2.5-3.5 s of the
-first step of the torchvision config on 2 CPU cores). The one public switch for it,
+The first step instantiates the traced step, and grappler rewrites it then. The one public
+switch for it,
 ``tf.config.optimizer.set_experimental_options``, is process-wide, so before turning it off one
 has to know what the steady step loses. Host drift on a shared machine is larger than that
 effect between processes, so both variants run in one process on one trace: the model's

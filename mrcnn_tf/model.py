@@ -9,6 +9,7 @@ import tensorflow as tf
 from mrcnn_tf import keras_compat
 from mrcnn_tf import losses as L
 from mrcnn_tf.config import Config, config_from_dict, to_dict
+from mrcnn_tf.ops._graph import dims
 
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "detection_masks",
                   "num_detections")
@@ -86,7 +87,7 @@ class MaskRCNN(keras.Model):
         pre = self.preprocessor(images, image_sizes)
         features = self.fpn(self.backbone(pre["images"], training=training), training=training)
         rpn = self.rpn_head(features, training=training)
-        anchors = self.anchors(features, tf.shape(pre["images"])[1:3])
+        anchors = self.anchors(features, dims(pre["images"])[1:3])
         proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors,
                                             pre["image_sizes"], training=training)
         box = self.box_head(self.box_roi_align(features, proposals["boxes"]), training=training)
@@ -118,7 +119,7 @@ class MaskRCNN(keras.Model):
                                 resize=False)
         features = self.fpn(self.backbone(pre["images"], training=training), training=training)
         rpn = self.rpn_head(features, training=training)
-        anchors_by_level = self.anchors(features, tf.shape(pre["images"])[1:3])
+        anchors_by_level = self.anchors(features, dims(pre["images"])[1:3])
         anchors = tf.concat(anchors_by_level, 0)
         rpn_targets = self.targets.rpn(anchors, gt_boxes, gt_valid)
         proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors_by_level,
@@ -148,8 +149,7 @@ class MaskRCNN(keras.Model):
         return tf.tile(shape[None, 1:3], [shape[0], 1])
 
     def _grids(self, features):
-        return {lv: (tf.shape(features[f"p{lv}"])[1], tf.shape(features[f"p{lv}"])[2])
-                for lv in self.rpn_head.levels}
+        return {lv: tuple(dims(features[f"p{lv}"])[1:3]) for lv in self.rpn_head.levels}
 
     def anchors(self, features, image_size):
         """Anchors per RPN level, [H_l * W_l * A, 4] each, for the padded input size."""

@@ -6,15 +6,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn_tf.layers.norm import make_norm
-
-
-def _dims(x) -> list:
-    """[B, H, W, C] of ``x``: Python ints where the static shape has them, else scalar
-    tensors."""
-    if x.shape.is_fully_defined():
-        return x.shape.as_list()
-    dynamic = tf.unstack(tf.shape(x), 4)
-    return [s if s is not None else d for s, d in zip(x.shape.as_list(), dynamic)]
+from mrcnn_tf.ops._graph import dims
 
 
 def _upsample2x_to(x, like):
@@ -25,7 +17,7 @@ def _upsample2x_to(x, like):
     and their gradients were about a hundred ops per call to trace (the R50-FPN step graph has
     321 fewer now). The crop is built only when ``like`` is not statically 2H x 2W (odd sizes).
     """
-    b, h, w, c = _dims(x)
+    b, h, w, c = dims(x)
     up = tf.reshape(tf.broadcast_to(tf.reshape(x, [b, h, 1, w, 1, c]), [b, h, 2, w, 2, c]),
                     [b, 2 * h, 2 * w, c])
     if like.shape[1:3] == up.shape[1:3] and like.shape[1:3].is_fully_defined():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from mrcnn_tf.ops._graph import dims
+
 
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
 class RPNHead(keras.layers.Layer):
@@ -81,13 +83,13 @@ class RPNHead(keras.layers.Layer):
             if self.dropout is not None:
                 x = self.dropout(x, training=training)
             logits = self.cls_convs[h](x)
-            shape = tf.shape(logits)
-            n = shape[1] * shape[2] * self.num_anchors
+            b, height, width, _ = dims(logits)  # ints for a static input size
+            n = height * width * self.num_anchors
             if self.objectness == "softmax":
-                objectness.append(tf.reshape(logits, tf.stack([shape[0], n, 2])))
+                objectness.append(tf.reshape(logits, [b, n, 2]))
             else:
-                objectness.append(tf.reshape(logits, tf.stack([shape[0], n])))
-            deltas.append(tf.reshape(self.box_convs[h](x), tf.stack([shape[0], n, 4])))
+                objectness.append(tf.reshape(logits, [b, n]))
+            deltas.append(tf.reshape(self.box_convs[h](x), [b, n, 4]))
         return {"objectness": objectness, "deltas": deltas}
 
     def compute_output_shape(self, input_shape):

@@ -1,5 +1,5 @@
-"""One dispatch shared by the ops whose loops are TensorFlow loops (``tf.map_fn``,
-``tf.while_loop``).
+"""Graph-building helpers shared by the ops and layers: :func:`dims` (static sizes where known),
+and one dispatch for the ops whose loops are TensorFlow loops (``tf.map_fn``, ``tf.while_loop``).
 
 Called eagerly, such a loop runs its body in Python once per element (minutes for a few
 thousand RoIs), so eager calls go through a graph function. Inside a traced function (the
@@ -33,3 +33,13 @@ def graph_when_eager(fn):
 
     wrapper.python_function = fn
     return wrapper
+
+
+def dims(x) -> list:
+    """The shape of ``x`` as a list: Python ints where the static shape has them, scalar tensors
+    (``tf.shape``) elsewhere. Static sizes keep shape arithmetic out of traced graphs."""
+    static = x.shape.as_list()
+    if x.shape.is_fully_defined():
+        return static
+    dynamic = tf.unstack(tf.shape(x), len(static))
+    return [s if s is not None else d for s, d in zip(static, dynamic)]

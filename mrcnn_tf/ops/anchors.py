@@ -49,8 +49,19 @@ def level_anchors(grid_height, grid_width, stride_y, stride_x, base: np.ndarray,
       stride_y, stride_x: pixels per feature cell (ints or scalar tensors).
       base: [A, 4] from :func:`base_anchors`.
     Returns:
-      [grid_height * grid_width * A, 4] float32 (y1, x1, y2, x2) pixels.
+      [grid_height * grid_width * A, 4] float32 (y1, x1, y2, x2) pixels: one constant when all
+      four sizes are Python ints (a static input shape), computed in numpy with the same float32
+      arithmetic, so that the traced graph holds one op instead of a dozen for its optimiser to
+      fold.
     """
+    if all(isinstance(v, (int, np.integer)) for v in (grid_height, grid_width, stride_y,
+                                                       stride_x)):
+        f32 = np.float32
+        sy = (np.arange(grid_height, dtype=f32) + f32(offset)) * f32(stride_y)
+        sx = (np.arange(grid_width, dtype=f32) + f32(offset)) * f32(stride_x)
+        yy, xx = np.meshgrid(sy, sx, indexing="ij")
+        shifts = np.stack([yy, xx, yy, xx], axis=-1)
+        return tf.constant((shifts[:, :, None, :] + base[None, None]).reshape(-1, 4))
     sy = (tf.cast(tf.range(grid_height), tf.float32) + offset) * tf.cast(stride_y, tf.float32)
     sx = (tf.cast(tf.range(grid_width), tf.float32) + offset) * tf.cast(stride_x, tf.float32)
     yy, xx = tf.meshgrid(sy, sx, indexing="ij")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn_tf.ops.anchors import base_anchors, multilevel_anchors
@@ -48,3 +49,34 @@ def test_dynamic_grid_in_tf_function():
                                   (32,), (0.5, 1.0, 2.0))[2]
 
     assert fn(tf.zeros([5, 7, 1])).shape == (5 * 7 * 3, 4)
+
+
+@pytest.mark.parametrize("canvas, sizes, offset, rounded, level_strides", [
+    ((800, 1088), (32, 64, 128, 256, 512), 0.0, True, False),
+    ((1088, 800), (32, 64, 128, 256, 512), 0.5, True, True),
+    ((1344, 1344), (32, 64, 128, 256, 512), 0.0, False, True),
+    ((517, 333), (20, 40, 80, 160, 250), 0.5, False, False)])
+def test_static_sizes_give_one_constant_equal_to_the_traced_anchors(canvas, sizes, offset,
+                                                                     rounded, level_strides):
+    """Python-int sizes take the numpy path (one Const in a traced graph); tensor sizes the
+    TensorFlow ops. Bit for bit the same, over real canvases (800x1088, 1088x800, 1344 square,
+    odd sizes), strides of both rules, both offsets and unrounded bases."""
+    h, w = canvas
+    grids = {lv: (-(-h // 2 ** lv), -(-w // 2 ** lv)) for lv in range(2, 7)}
+    kwargs = dict(sizes=sizes, aspect_ratios=(0.5, 1.0, 2.0), scales=(1.0, 1.26), offset=offset,
+                  round_to_int=rounded, level_strides=level_strides)
+
+    @tf.function(autograph=False)
+    def traced(hw, grid_tensors):
+        return multilevel_anchors((hw[0], hw[1]), dict(zip(grids, grid_tensors)), **kwargs)
+
+    static = multilevel_anchors((h, w), grids, **kwargs)
+    dynamic = traced(tf.constant([h, w]),
+                     [(tf.constant(gh), tf.constant(gw)) for gh, gw in grids.values()])
+    graph = tf.function(lambda: multilevel_anchors((h, w), grids, **kwargs)
+                        ).get_concrete_function().graph
+    assert {op.type for op in graph.get_operations()} <= {"Const", "Identity", "NoOp"}
+    for lv in grids:
+        assert static[lv].dtype == tf.float32
+        np.testing.assert_array_equal(static[lv].numpy(), dynamic[lv].numpy(),
+                                      err_msg=f"{h}x{w} level {lv}")

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.box_coder import BoxCoder
 from mrcnn_tf.ops.boxes import box_sizes, clip_boxes
-from mrcnn_tf.ops.nms import proposal_nms
+from mrcnn_tf.ops.nms import pad_rows, proposal_nms_stacked
 
 
 def objectness_logits(logits: tf.Tensor) -> tf.Tensor:
@@ -26,7 +26,9 @@ class ProposalGenerator(keras.layers.Layer):
     Per level: top ``pre_nms_topk`` anchors by objectness logit, decode their deltas, clip to the
     image, drop boxes smaller than ``min_box_size`` (with 0: empty boxes, detectron2's rule) and
     probabilities below ``score_threshold``;
-    then NMS per level (or across levels) and the top ``post_nms_topk`` by probability.
+    then NMS per level (or across levels) and the top ``post_nms_topk`` by probability. After
+    the per-level top-k, the levels run stacked as one [B, L, K] batch (K the largest top-k,
+    shorter levels padded with invalid rows): the graph's size does not grow with the levels.
 
     Inputs (call): objectness: list of [B, N_l] or [B, N_l, 2]; deltas: list of [B, N_l, 4];
     anchors: list of [N_l, 4]; image_sizes: [B, 2] (height, width) of each image's content in the
@@ -54,28 +56,41 @@ class ProposalGenerator(keras.layers.Layer):
         pre = self.pre_nms_topk_train if training else self.pre_nms_topk_test
         post = self.post_nms_topk_train if training else self.post_nms_topk_test
         image_sizes = tf.cast(image_sizes, tf.float32)
-        boxes_l, scores_l, valid_l = [], [], []
+        logits_l, deltas_l, anchors_l = [], [], []
         for logits, dl, anc in zip(objectness, deltas, anchors):
             # Rank by logit as torchvision does: probabilities saturate to 1.0 and tie.
             fg_logits = tf.stop_gradient(objectness_logits(logits))
             n = fg_logits.shape[1]  # static when the input size is (a static k: static NMS)
             k = min(pre, n) if n is not None else tf.minimum(pre, tf.shape(fg_logits)[1])
             top = tf.math.top_k(fg_logits, k=k, sorted=True)
-            probs = tf.sigmoid(top.values)
-            d = tf.gather(tf.stop_gradient(tf.cast(dl, tf.float32)), top.indices, batch_dims=1)
-            a = tf.gather(tf.cast(anc, tf.float32), top.indices)
-            boxes = clip_boxes(self.coder.decode(d, a), image_sizes[:, 0], image_sizes[:, 1])
-            h, w = box_sizes(boxes)
-            if self.min_box_size > 0:  # torchvision's remove_small_boxes
-                big = (h >= self.min_box_size) & (w >= self.min_box_size)
-            else:  # detectron2's Boxes.nonempty(threshold=0)
-                big = (h > 0.0) & (w > 0.0)
-            valid = big & (probs >= self.score_threshold)
-            boxes_l.append(boxes)
-            scores_l.append(probs)
-            valid_l.append(valid)
-        out = proposal_nms(boxes_l, scores_l, valid_l, post, self.nms_threshold,
-                           per_level=self.nms_per_level, impl=self.nms_impl)
+            logits_l.append(top.values)
+            deltas_l.append(tf.gather(tf.stop_gradient(tf.cast(dl, tf.float32)), top.indices,
+                                      batch_dims=1))
+            anchors_l.append(tf.gather(tf.cast(anc, tf.float32), top.indices))
+        # The levels' top-k stacked and padded to one length K: decode, clip, filter and NMS
+        # run once for all levels ([B, L, K]), not once per level.
+        sizes = [t.shape[1] for t in logits_l]
+        rows = max(sizes) if None not in sizes else pre
+        levels = len(logits_l)
+
+        def stack(tensors, value=0.0):
+            return tf.stack([pad_rows(t, rows, value) for t in tensors], axis=1)
+
+        real = stack([tf.ones_like(t, tf.bool) for t in logits_l], False)  # [B, L, K]
+        probs = tf.sigmoid(stack(logits_l))
+        flat_deltas = tf.reshape(stack(deltas_l), [-1, levels * rows, 4])
+        flat_anchors = tf.reshape(stack(anchors_l), [-1, levels * rows, 4])
+        boxes = clip_boxes(self.coder.decode(flat_deltas, flat_anchors), image_sizes[:, 0],
+                           image_sizes[:, 1])
+        h, w = box_sizes(boxes)
+        if self.min_box_size > 0:  # torchvision's remove_small_boxes
+            big = (h >= self.min_box_size) & (w >= self.min_box_size)
+        else:  # detectron2's Boxes.nonempty(threshold=0)
+            big = (h > 0.0) & (w > 0.0)
+        valid = real & tf.reshape(big, [-1, levels, rows]) & (probs >= self.score_threshold)
+        out = proposal_nms_stacked(tf.reshape(boxes, [-1, levels, rows, 4]), probs, valid, post,
+                                   self.nms_threshold, per_level=self.nms_per_level,
+                                   impl=self.nms_impl)
         return {"boxes": out["boxes"],
                 "scores": tf.where(out["valid"], out["scores"], 0.0),
                 "valid": out["valid"]}

@@ -126,6 +126,20 @@ def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: in
     return {"indices": tf.where(keep, indices, 0), "valid": keep, "num_valid": num}
 
 
+def pad_rows(x: tf.Tensor, rows, value=0) -> tf.Tensor:
+    """``x`` [B, N, ...] padded with ``value`` to [B, rows, ...] (N <= rows); no op when N is
+    statically ``rows``."""
+    n = x.shape[1]
+    if n is not None and isinstance(rows, int) and n == rows:
+        return x
+    extra = rows - (n if n is not None else tf.shape(x)[1])
+    paddings = [[0, 0], [0, extra]] + [[0, 0]] * (x.shape.rank - 2)
+    out = tf.pad(x, paddings, constant_values=value)
+    if isinstance(rows, int):
+        out = tf.ensure_shape(out, [x.shape[0], rows, *x.shape[2:]])
+    return out
+
+
 def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_size: int,
                  iou_threshold: float, per_level: bool = True, impl: str = "tf") -> dict:
     """NMS of RPN proposals, within each level (torchvision, detectron2) or across all levels.
@@ -144,33 +158,66 @@ def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_siz
       ``valid`` [B, P] bool, ``level_index`` [B, P] int32 (position in the input lists), sorted by
       decreasing score with valid rows first.
     """
+    boxes_by_level = [tf.cast(b, tf.float32) for b in boxes_by_level]
+    scores_by_level = [tf.cast(s, tf.float32) for s in scores_by_level]
+    valid_by_level = [tf.cast(v, tf.bool) for v in valid_by_level]
+    sizes = [b.shape[1] for b in boxes_by_level]
+    if all(k is not None for k in sizes):
+        rows = max(sizes)
+    else:
+        rows = tf.reduce_max(tf.stack([tf.shape(b)[1] for b in boxes_by_level]))
+
+    def stack(tensors, value):
+        return tf.stack([pad_rows(t, rows, value) for t in tensors], axis=1)
+
+    return proposal_nms_stacked(stack(boxes_by_level, 0.0), stack(scores_by_level, 0.0),
+                                stack(valid_by_level, False), max_output_size, iou_threshold,
+                                per_level, impl)
+
+
+def proposal_nms_stacked(boxes: tf.Tensor, scores: tf.Tensor, valid: tf.Tensor,
+                         max_output_size: int, iou_threshold: float, per_level: bool = True,
+                         impl: str = "tf") -> dict:
+    """:func:`proposal_nms` on the levels stacked and padded to one length K (padding rows not
+    ``valid``): one NMS over the B x L rows instead of one per level, so that the traced graph
+    does not grow with the number of levels. The same proposals in the same order: padding
+    rows are never kept, and the levels' candidates stay level-major for the final ranking.
+
+    Args:
+      boxes: [B, L, K, 4]; scores: [B, L, K]; valid: [B, L, K] bool.
+    Returns:
+      as :func:`proposal_nms`.
+    """
+    levels, rows = boxes.shape[1], boxes.shape[2]
+    if levels is None:
+        raise ValueError("proposal_nms: the number of levels must be static")
+    rows = rows if rows is not None else tf.shape(boxes)[2]
+    scores = tf.where(valid, scores, INVALID_SCORE)
     if per_level:
-        cand_boxes, cand_scores, cand_valid, cand_levels = [], [], [], []
-        for i, (b, s, v) in enumerate(zip(boxes_by_level, scores_by_level, valid_by_level)):
-            k = min(max_output_size, b.shape[1]) if b.shape[1] is not None else max_output_size
-            kept = non_max_suppression(b, s, k, iou_threshold, v, impl)
-            cand_boxes.append(tf.gather(b, kept["indices"], batch_dims=1))
-            cand_scores.append(tf.where(kept["valid"], tf.gather(s, kept["indices"], batch_dims=1),
-                                        INVALID_SCORE))
-            cand_valid.append(kept["valid"])
-            cand_levels.append(tf.fill(tf.shape(kept["indices"]), i))
-        boxes = tf.concat(cand_boxes, axis=1)
-        scores = tf.concat(cand_scores, axis=1)
-        valid = tf.concat(cand_valid, axis=1)
-        levels = tf.concat(cand_levels, axis=1)
+        k = min(max_output_size, rows) if isinstance(rows, int) else max_output_size
+        flat_boxes = tf.reshape(boxes, [-1, rows, 4])
+        flat_scores = tf.reshape(scores, [-1, rows])
+        kept = non_max_suppression(flat_boxes, flat_scores, k, iou_threshold, impl=impl)
+        # Each level's survivors in NMS order, the levels one after the other: [B, L * k].
+        boxes = tf.reshape(tf.gather(flat_boxes, kept["indices"], batch_dims=1),
+                           [-1, levels * k, 4])
+        scores = tf.reshape(tf.where(kept["valid"], tf.gather(flat_scores, kept["indices"],
+                                                              batch_dims=1), INVALID_SCORE),
+                            [-1, levels * k])
+        valid = tf.reshape(kept["valid"], [-1, levels * k])
+        level_ids = tf.repeat(tf.range(levels), k)
         order, in_range = _top_k_padded(scores, max_output_size)
         valid = tf.gather(valid, order, batch_dims=1) & in_range
     else:
-        boxes = tf.concat(list(boxes_by_level), axis=1)
-        scores = tf.where(tf.concat(list(valid_by_level), axis=1),
-                          tf.concat(list(scores_by_level), axis=1), INVALID_SCORE)
-        levels = tf.concat([tf.fill(tf.shape(s), i) for i, s in enumerate(scores_by_level)], 1)
+        boxes = tf.reshape(boxes, [-1, levels * rows, 4])
+        scores = tf.reshape(scores, [-1, levels * rows])
+        level_ids = tf.repeat(tf.range(levels), rows)
         kept = non_max_suppression(boxes, scores, max_output_size, iou_threshold, impl=impl)
         order, valid = kept["indices"], kept["valid"]
     out_scores = tf.where(valid, tf.gather(scores, order, batch_dims=1), INVALID_SCORE)
     out_boxes = tf.where(valid[..., None], tf.gather(boxes, order, batch_dims=1), 0.0)
     return {"boxes": out_boxes, "scores": out_scores, "valid": valid,
-            "level_index": tf.where(valid, tf.gather(levels, order, batch_dims=1), 0)}
+            "level_index": tf.where(valid, tf.gather(level_ids, order), 0)}
 
 
 def _top_k_padded(scores, k):

@@ -1,8 +1,11 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn_tf.layers.proposals import ProposalGenerator
+from mrcnn_tf.ops.anchors import multilevel_anchors
 from tests.layers.contract import check_layer_contract, rand
+from tests.ops import reference
 
 # Two levels, four anchors each; image 100 x 100.
 ANCHORS = [np.array([[0, 0, 20, 20], [1, 1, 21, 21], [50, 50, 70, 70], [90, 90, 130, 130]],
@@ -75,3 +78,80 @@ def test_min_box_size_zero_drops_empty_boxes_only():
         gen = ProposalGenerator(pre_nms_topk_test=3, post_nms_topk_test=3, nms_threshold=0.7,
                                 min_box_size=min_size)
         assert int(np.sum(gen(logits, deltas, anchors, sizes)["valid"])) == kept, min_size
+
+
+def _reference_proposals(gen, logits, deltas, anchors, image_sizes, pre, post):
+    """torchvision's filter_proposals for one batch, level by level in numpy (the sigmoid and
+    the box decoding are the layer's own elementwise ops, tested elsewhere)."""
+    out = []
+    for b in range(logits[0].shape[0]):
+        cands = []  # (probability, level, box), level-major, each level in NMS order
+        all_boxes, all_probs = [], []
+        for lv, (lg, dl, anc) in enumerate(zip(logits, deltas, anchors)):
+            top = np.argsort(-lg[b], kind="stable")[:min(pre, lg.shape[1])]
+            probs = tf.sigmoid(lg[b][top]).numpy()
+            boxes = gen.coder.decode(dl[b][top], anc[top]).numpy()
+            h, w = image_sizes[b]
+            boxes = np.stack([np.clip(boxes[:, 0], 0, h), np.clip(boxes[:, 1], 0, w),
+                              np.clip(boxes[:, 2], 0, h), np.clip(boxes[:, 3], 0, w)], 1)
+            bh, bw = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+            big = ((bh >= gen.min_box_size) & (bw >= gen.min_box_size) if gen.min_box_size > 0
+                   else (bh > 0) & (bw > 0))
+            keep = big & (probs >= gen.score_threshold)
+            boxes, probs = boxes[keep], probs[keep]
+            if gen.nms_per_level:
+                kept = reference.greedy_nms(boxes, probs, gen.nms_threshold)
+                cands += [(probs[i], lv, tuple(boxes[i])) for i in kept]
+            else:
+                all_boxes.append(boxes)
+                all_probs.append(probs)
+        if not gen.nms_per_level:
+            boxes, probs = np.concatenate(all_boxes), np.concatenate(all_probs)
+            cands = [(probs[i], 0, tuple(boxes[i]))
+                     for i in reference.greedy_nms(boxes, probs, gen.nms_threshold)]
+        order = sorted(range(len(cands)), key=lambda i: -cands[i][0])  # stable: level-major
+        out.append([cands[i] for i in order[:post]])
+    return out
+
+
+@pytest.mark.parametrize("nms_impl", ["tf", "static"])
+def test_matches_a_level_by_level_reference_on_many_inputs(nms_impl):
+    """The stacked levels ([B, L, K], one NMS) keep torchvision's proposals level by level: five
+    levels of real anchors (two shorter than the top-k, so padded), saturated logits (tied
+    probabilities of 1.0), both NMS modes, both size rules, training and test counts, batch 2
+    with different image sizes."""
+    rng = np.random.default_rng(7)
+    canvas = (160, 224)
+    grids = {lv: (-(-canvas[0] // 2 ** lv), -(-canvas[1] // 2 ** lv)) for lv in range(2, 7)}
+    anchors_by_level = multilevel_anchors(canvas, grids, (32, 64, 128, 256, 512),
+                                          (0.5, 1.0, 2.0))
+    anchors = [anchors_by_level[lv].numpy() for lv in grids]
+    for case in range(8):
+        per_level, min_size = case % 2 == 0, (1e-3, 0.0)[case // 2 % 2]
+        training, score_threshold = case // 4 == 1, (0.0, 0.3)[case % 3 == 0]
+        pre, post = (300, 200) if training else (150, 400)
+        gen = ProposalGenerator(pre_nms_topk_train=300, post_nms_topk_train=200,
+                                pre_nms_topk_test=150, post_nms_topk_test=400,
+                                nms_threshold=0.7, nms_per_level=per_level,
+                                min_box_size=min_size, score_threshold=score_threshold,
+                                nms_impl=nms_impl)
+        logits, deltas = [], []
+        for anc in anchors:
+            lg = rng.normal(0.0, 3.0, (2, len(anc))).astype(np.float32)
+            saturated = rng.random((2, len(anc))) < 0.05
+            lg[saturated] = 20.0 + rng.random(int(saturated.sum())).astype(np.float32)
+            logits.append(lg)
+            deltas.append(rng.normal(0.0, 0.5, (2, len(anc), 4)).astype(np.float32))
+        sizes = np.array([[160, 224], [rng.integers(60, 160), rng.integers(60, 224)]], np.int32)
+        got = gen(logits, deltas, anchors, sizes, training=training)
+        want = _reference_proposals(gen, logits, deltas, anchors, sizes, pre, post)
+        for b in range(2):
+            n = len(want[b])
+            valid = got["valid"].numpy()[b]
+            assert valid.sum() == n and valid[:n].all(), (case, b)
+            # Elementwise ops on differently shaped arrays may round 1 ulp apart.
+            np.testing.assert_allclose(got["scores"].numpy()[b, :n], [c[0] for c in want[b]],
+                                       rtol=1e-6, err_msg=f"case {case} image {b}")
+            np.testing.assert_allclose(got["boxes"].numpy()[b, :n], [c[2] for c in want[b]],
+                                       rtol=1e-6, atol=1e-4, err_msg=f"case {case} image {b}")
+            assert (got["boxes"].numpy()[b, n:] == 0).all()

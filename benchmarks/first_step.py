@@ -7,14 +7,17 @@ One batch is taken once, from this checkout's ``build_dataset`` on coco128 (trai
 torchvision config, batch 1, the first batch on an 800x1088 canvas, seeded), and saved; then,
 for each round, a fresh process per checkout (alternating, so host drift hits both) builds the
 model, times the first call of ``make_train_function()`` on that batch (what ``fit`` runs first)
-and two steady steps after it. Reported per checkout: every first call, the steady steps, and
-first minus the faster steady step (what the trace adds). Float32, 2 threads.
+and two steady steps after it. Reported per checkout: every first call, split into the Python
+trace of the step's graph (and its op count) and the first run (grappler's rewrites, first
+allocations, the step), the steady steps, and first minus the faster steady step. Float32,
+2 threads.
 """
 
 import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -104,9 +107,27 @@ def worker(checkout: str, batch_path: str, data_dir: str) -> dict:
         float(fn(iter([batch]))["loss"])
         return time.perf_counter() - t0
 
-    first = step()
+    # The first step in two parts: the Python trace of the step's graph, timed on the traced
+    # function the train function holds (the call after it reuses that trace), then the first
+    # run (grappler's rewrites, first allocations, the step itself).
+    traced = _traced_step(fn)
+    t0 = time.perf_counter()
+    graph = traced.get_concrete_function(batch).graph
+    trace = time.perf_counter() - t0
+    first = trace + step()
     steady = [step(), step()]
-    return {"first_s": first, "steady_s": steady, "first_minus_steady_s": first - min(steady)}
+    return {"first_s": first, "trace_s": trace, "first_run_s": first - trace,
+            "ops": len(graph.get_operations()), "steady_s": steady,
+            "first_minus_steady_s": first - min(steady)}
+
+
+def _traced_step(fn):
+    """The ``tf.function`` inside ``make_train_function()``'s function: the step that
+    ``mrcnn_tf.keras_compat.step_function`` traces once per canvas, held in its closure."""
+    for cell in fn.__closure__ or ():
+        if hasattr(cell.cell_contents, "get_concrete_function"):
+            return cell.cell_contents
+    raise RuntimeError("make_train_function() holds no traced step in its closure")
 
 
 def main():
@@ -139,16 +160,18 @@ def main():
                 sys.exit(f"worker for {c} failed:\n{res.stderr[-3000:]}")
             results[c].append(json.loads(lines[-1][2:]))
             print(f"round {r + 1}/{args.rounds} {c}: " + json.dumps(results[c][-1]), flush=True)
-    print("| checkout | first step (s), each round | median | steady steps (s) | "
-          "first - steady (s), median |\n|---|---|---|---|---|")
+    print("| checkout | ops | first step (s), each round | median | trace, median | first run, "
+          "median | steady steps (s) | first - steady (s), median |\n"
+          "|---|---|---|---|---|---|---|---|")
     for c, runs in results.items():
-        firsts = sorted(x["first_s"] for x in runs)
-        extra = sorted(x["first_minus_steady_s"] for x in runs)
+        def median(key, runs=runs):
+            return statistics.median(x[key] for x in runs)
+
         steady = [round(s, 2) for x in runs for s in x["steady_s"]]
         each = ", ".join(f"{x['first_s']:.2f}" for x in runs)
-        print(f"| {c} | {each} | "
-              f"{firsts[len(firsts) // 2]:.2f} | {min(steady)}-{max(steady)} | "
-              f"{extra[len(extra) // 2]:.2f} |")
+        print(f"| {c} | {runs[0]['ops']} | {each} | {median('first_s'):.2f} | "
+              f"{median('trace_s'):.2f} | {median('first_run_s'):.2f} | "
+              f"{min(steady)}-{max(steady)} | {median('first_minus_steady_s'):.2f} |")
     if args.output:
         with open(args.output, "w") as f:
             commits = {c: subprocess.run(["git", "-C", c, "rev-parse", "--short", "HEAD"],

@@ -61,7 +61,8 @@ def level_anchors(grid_height, grid_width, stride_y, stride_x, base: np.ndarray,
         sx = (np.arange(grid_width, dtype=f32) + f32(offset)) * f32(stride_x)
         yy, xx = np.meshgrid(sy, sx, indexing="ij")
         shifts = np.stack([yy, xx, yy, xx], axis=-1)
-        return tf.constant((shifts[:, :, None, :] + base[None, None]).reshape(-1, 4))
+        anchors = shifts[:, :, None, :] + np.asarray(base, f32)[None, None]
+        return tf.constant(anchors.reshape(-1, 4))
     sy = (tf.cast(tf.range(grid_height), tf.float32) + offset) * tf.cast(stride_y, tf.float32)
     sx = (tf.cast(tf.range(grid_width), tf.float32) + offset) * tf.cast(stride_x, tf.float32)
     yy, xx = tf.meshgrid(sy, sx, indexing="ij")

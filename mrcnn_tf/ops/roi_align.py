@@ -572,9 +572,9 @@ def multilevel_roi_align(features_by_level, boxes: tf.Tensor, output_size, sampl
       impl: ``crop_and_resize`` (the default): RoIs are partitioned by level
         (``tf.dynamic_partition``), each part is pooled from its level with crop_and_resize and
         the results are stitched back in order (with one sampling ratio, the crop boxes of all
-        levels are computed at once and one gradient serves all levels). ``gather``: every RoI is pooled by gathers from
-        the levels' maps flattened into one (no crop_and_resize, no dynamic shape: XLA compiles
-        it); the same numbers, one sampling ratio for all levels.
+        levels are computed at once and one gradient serves all levels). ``gather``: every RoI
+        is pooled by gathers from the levels' maps flattened into one (no crop_and_resize, no
+        dynamic shape: XLA compiles it); the same numbers, one sampling ratio for all levels.
     Returns:
       [B, N, out_h, out_w, C]. Either way every RoI is pooled once.
     """
@@ -640,10 +640,10 @@ def _multilevel_crops(features_by_level, levels, boxes, level_index, part_images
               for m in maps]  # crop_and_resize has no bfloat16 kernel
     shapes = [dims(m) for m in maps]
 
-    def per_roi(values, dtype):
-        return tf.gather(tf.cast(tf.stack(values), dtype), level_index)
+    def per_roi(values):  # each RoI's level's value, float32: [R]
+        return tf.gather(tf.cast(tf.stack(values), tf.float32), level_index)
 
-    scale = per_roi([1.0 / (2.0 ** lv) for lv in levels], tf.float32)
+    scale = per_roi([1.0 / (2.0 ** lv) for lv in levels])
     y1, x1, y2, x2 = tf.unstack(boxes * scale[:, None] - (0.5 if aligned else 0.0), 4, axis=-1)
     roi_h, roi_w = y2 - y1, x2 - x1
     if not aligned:
@@ -651,8 +651,8 @@ def _multilevel_crops(features_by_level, levels, boxes, level_index, part_images
     first_y, last_y = _sample_span(y1, roi_h, out_h, ratio)
     first_x, last_x = _sample_span(x1, roi_w, out_w, ratio)
     # Padded maps have size + 2 rows; crop_and_resize normalises by (padded size - 1).
-    norm_h = per_roi([h + 1 for _, h, _, _ in shapes], tf.float32)
-    norm_w = per_roi([w + 1 for _, _, w, _ in shapes], tf.float32)
+    norm_h = per_roi([h + 1 for _, h, _, _ in shapes])
+    norm_w = per_roi([w + 1 for _, _, w, _ in shapes])
     crop_boxes = tf.stack([(first_y + 1.0) / norm_h, (first_x + 1.0) / norm_w,
                            (last_y + 1.0) / norm_h, (last_x + 1.0) / norm_w], axis=-1)
     part_boxes = tf.dynamic_partition(crop_boxes, level_index, len(levels))

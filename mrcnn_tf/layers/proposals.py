@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from mrcnn_tf.ops.box_coder import BoxCoder
 from mrcnn_tf.ops.boxes import box_sizes, clip_boxes
-from mrcnn_tf.ops.nms import pad_rows, proposal_nms_stacked
+from mrcnn_tf.ops.nms import proposal_nms_stacked, stack_levels
 
 
 def objectness_logits(logits: tf.Tensor) -> tf.Tensor:
@@ -72,14 +72,10 @@ class ProposalGenerator(keras.layers.Layer):
         sizes = [t.shape[1] for t in logits_l]
         rows = max(sizes) if None not in sizes else pre
         levels = len(logits_l)
-
-        def stack(tensors, value=0.0):
-            return tf.stack([pad_rows(t, rows, value) for t in tensors], axis=1)
-
-        real = stack([tf.ones_like(t, tf.bool) for t in logits_l], False)  # [B, L, K]
-        probs = tf.sigmoid(stack(logits_l))
-        flat_deltas = tf.reshape(stack(deltas_l), [-1, levels * rows, 4])
-        flat_anchors = tf.reshape(stack(anchors_l), [-1, levels * rows, 4])
+        real = stack_levels([tf.ones_like(t, tf.bool) for t in logits_l], rows, False)
+        probs = tf.sigmoid(stack_levels(logits_l, rows))  # [B, L, K]
+        flat_deltas = tf.reshape(stack_levels(deltas_l, rows), [-1, levels * rows, 4])
+        flat_anchors = tf.reshape(stack_levels(anchors_l, rows), [-1, levels * rows, 4])
         boxes = clip_boxes(self.coder.decode(flat_deltas, flat_anchors), image_sizes[:, 0],
                            image_sizes[:, 1])
         h, w = box_sizes(boxes)

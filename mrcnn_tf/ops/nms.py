@@ -126,7 +126,7 @@ def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: in
     return {"indices": tf.where(keep, indices, 0), "valid": keep, "num_valid": num}
 
 
-def pad_rows(x: tf.Tensor, rows, value=0) -> tf.Tensor:
+def _pad_rows(x: tf.Tensor, rows, value) -> tf.Tensor:
     """``x`` [B, N, ...] padded with ``value`` to [B, rows, ...] (N <= rows); no op when N is
     statically ``rows``."""
     n = x.shape[1]
@@ -138,6 +138,12 @@ def pad_rows(x: tf.Tensor, rows, value=0) -> tf.Tensor:
     if isinstance(rows, int):
         out = tf.ensure_shape(out, [x.shape[0], rows, *x.shape[2:]])
     return out
+
+
+def stack_levels(tensors, rows, value=0) -> tf.Tensor:
+    """Per-level [B, K_l, ...] tensors -> [B, L, rows, ...], each padded with ``value`` to
+    ``rows`` (an int, or a scalar tensor when some K_l is dynamic)."""
+    return tf.stack([_pad_rows(t, rows, value) for t in tensors], axis=1)
 
 
 def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_size: int,
@@ -166,13 +172,10 @@ def proposal_nms(boxes_by_level, scores_by_level, valid_by_level, max_output_siz
         rows = max(sizes)
     else:
         rows = tf.reduce_max(tf.stack([tf.shape(b)[1] for b in boxes_by_level]))
-
-    def stack(tensors, value):
-        return tf.stack([pad_rows(t, rows, value) for t in tensors], axis=1)
-
-    return proposal_nms_stacked(stack(boxes_by_level, 0.0), stack(scores_by_level, 0.0),
-                                stack(valid_by_level, False), max_output_size, iou_threshold,
-                                per_level, impl)
+    return proposal_nms_stacked(stack_levels(boxes_by_level, rows, 0.0),
+                                stack_levels(scores_by_level, rows, 0.0),
+                                stack_levels(valid_by_level, rows, False), max_output_size,
+                                iou_threshold, per_level, impl)
 
 
 def proposal_nms_stacked(boxes: tf.Tensor, scores: tf.Tensor, valid: tf.Tensor,

@@ -75,14 +75,14 @@ def _bilinear_scatter(grads, boxes, box_indices, height, width, start, segments:
 
     Args:
       grads: [R, h, w, C]; boxes: [R, 4] normalised to each RoI's padded map; box_indices: [R]
-        int32 image of each RoI; height, width: int32 sizes of each RoI's (unpadded) map,
-        scalars or [R]; start: int32 flat row of each RoI's map's pixel (0, 0) of image 0,
-        scalar or [R]; segments: rows of the output; crop_size: (h, w) ints.
+        int32 image of each RoI; height, width: [R] int32 sizes of each RoI's (unpadded) map;
+        start: [R] int32 flat row of each RoI's map's pixel (0, 0) of image 0; segments: rows of
+        the output; crop_size: (h, w) ints.
     Returns:
       [segments, C] float32: pixel (b, y, x) of a map at flat row ``start + (b * H + y) * W + x``.
     """
     def per_roi(v):
-        return tf.reshape(v, [-1, 1])  # a scalar broadcasts over the RoIs
+        return tf.reshape(v, [-1, 1])
 
     def axis(lo, hi, size, out: int):
         """Unpadded indices and weights of the lower and upper neighbour along one axis of
@@ -118,28 +118,12 @@ def _bilinear_scatter(grads, boxes, box_indices, height, width, start, segments:
         tf.reshape(index, [-1]), segments)
 
 
-def _crop_and_resize_image_grad(grads, boxes, box_indices, image_shape, crop_size):
-    """The gradient w.r.t. ``image`` of ``tf.image.crop_and_resize(_edge_pad(image), boxes, ...)``
-    (:func:`_bilinear_scatter` on one map).
-
-    Args:
-      grads: [R, h, w, C]; boxes: [R, 4] normalised to the padded map; box_indices: [R] int32;
-      image_shape: [N, H, W, C] int32 (unpadded); crop_size: (h, w) ints.
-    Returns:
-      [N, H, W, C] float32.
-    """
-    n, height, width = image_shape[0], image_shape[1], image_shape[2]
-    total = _bilinear_scatter(grads, boxes, box_indices, height, width, 0, n * height * width,
-                              crop_size)
-    return tf.reshape(total, image_shape)
-
-
 def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, crop_size
                     ) -> tf.Tensor:
     """``tf.image.crop_and_resize`` (bilinear, zero extrapolation) of :func:`_edge_pad` of
     ``image``, with an exact gradient straight to the unpadded ``image`` (see the module
     docstring; the pad's own gradient, strided-slice gradients of the full map added up, is not
-    built); no gradient to ``boxes``.
+    built); no gradient to ``boxes``. :func:`crop_and_resize_levels` of one map.
 
     Args:
       image: [N, H, W, C] float32; boxes: [R, 4] (y1, x1, y2, x2) normalised to the padded
@@ -147,19 +131,7 @@ def crop_and_resize(image: tf.Tensor, boxes: tf.Tensor, box_indices: tf.Tensor, 
     Returns:
       [R, h, w, C] float32.
     """
-
-    @tf.custom_gradient
-    def forward(image):
-        out = tf.image.crop_and_resize(_edge_pad(image), tf.stop_gradient(boxes), box_indices,
-                                       crop_size, method="bilinear", extrapolation_value=0.0)
-
-        def grad(dy):
-            return _crop_and_resize_image_grad(dy, boxes, box_indices, tf.shape(image),
-                                               crop_size)
-
-        return out, grad
-
-    return forward(image)
+    return crop_and_resize_levels([image], [boxes], [box_indices], crop_size)[0]
 
 
 def crop_and_resize_levels(images, boxes, box_indices, crop_size) -> list:

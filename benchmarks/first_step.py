@@ -1,7 +1,8 @@
-"""First training step of two checkouts of mrcnn_tf, side by side: what a code change does to the
-cost of tracing the step (the Python trace, grappler, the first run).
+"""First training step of one checkout of mrcnn_tf, or of two side by side: what a code change
+does to the cost of tracing the step (the Python trace, grappler, the first run).
 
     python benchmarks/first_step.py --checkouts /path/to/old /path/to/new [--rounds 3]
+    python benchmarks/first_step.py --checkouts . [--rounds 5]
 
 One batch is taken once, from this checkout's ``build_dataset`` on coco128 (training mode, the
 torchvision config, batch 1, the first batch on an 800x1088 canvas, seeded), and saved; then,
@@ -9,17 +10,23 @@ for each round, a fresh process per checkout (alternating, so host drift hits bo
 model, times the first call of ``make_train_function()`` on that batch (what ``fit`` runs first)
 and two steady steps after it. Reported per checkout: every first call, split into the Python
 trace of the step's graph (and its op count) and the first run (grappler's rewrites, first
-allocations, the step), the steady steps, and first minus the faster steady step. Float32,
-2 threads.
+allocations, the step), the steady steps, and first minus the faster steady step. The first
+run is split further: grappler's rewrites (the sum of the pass times TensorFlow logs with
+``TF_CPP_VMODULE=meta_optimizer=1``, during the first run only), and the first run's user and
+system CPU seconds and minor page faults against the faster steady step's (memory touched for
+the first time). Float32, 2 threads.
 """
 
 import argparse
 import json
 import os
 import pathlib
+import re
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -103,22 +110,59 @@ def worker(checkout: str, batch_path: str, data_dir: str) -> dict:
     fn = model.make_train_function()
 
     def step():
-        t0 = time.perf_counter()
+        """-> (wall seconds, user CPU s, system CPU s, minor page faults) of one step."""
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         float(fn(iter([batch]))["loss"])
-        return time.perf_counter() - t0
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        return (wall, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime,
+                r1.ru_minflt - r0.ru_minflt)
 
     # The first step in two parts: the Python trace of the step's graph, timed on the traced
     # function the train function holds (the call after it reuses that trace), then the first
-    # run (grappler's rewrites, first allocations, the step itself).
+    # run (grappler's rewrites, first allocations, the step itself). TensorFlow's log (fd 2)
+    # goes to a file during the first run only: grappler's pass times are read from it.
     traced = _traced_step(fn)
     t0 = time.perf_counter()
     graph = traced.get_concrete_function(batch).graph
     trace = time.perf_counter() - t0
-    first = trace + step()
+    with tempfile.TemporaryFile("w+") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            first_run = step()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        grappler = _grappler_seconds(log.read())
     steady = [step(), step()]
-    return {"first_s": first, "trace_s": trace, "first_run_s": first - trace,
-            "ops": len(graph.get_operations()), "steady_s": steady,
-            "first_minus_steady_s": first - min(steady)}
+    fastest = min(steady)
+    return {"first_s": trace + first_run[0], "trace_s": trace, "first_run_s": first_run[0],
+            "ops": len(graph.get_operations()), "steady_s": [s[0] for s in steady],
+            "first_minus_steady_s": trace + first_run[0] - fastest[0],
+            "grappler_s": grappler,
+            "first_run_user_s": first_run[1], "first_run_sys_s": first_run[2],
+            "first_run_minflt": first_run[3], "steady_user_s": fastest[1],
+            "steady_sys_s": fastest[2], "steady_minflt": fastest[3]}
+
+
+def _grappler_seconds(log: str) -> float:
+    """Grappler's wall time in TensorFlow's ``meta_optimizer`` log: for each grappler item, from
+    "Starting optimization for grappler item" to "Optimized N functions", by the lines' own
+    timestamps ("I0000 00:00:1796112544.396336 2904 meta_optimizer.cc:1059] ...")."""
+    total, start = 0.0, None
+    for stamp, text in re.findall(r"^\S+ \S*?([0-9]+\.[0-9]+)\s+\d+ meta_optimizer\.cc:\d+\] (.*)$",
+                                  log, re.MULTILINE):
+        if text.startswith("Starting optimization for grappler item"):
+            start = float(stamp)
+        elif start is not None and re.match(r"Optimized \d+ functions", text):
+            total, start = total + float(stamp) - start, None
+    return total
+
+
+def _median(runs: list, key: str) -> float:
+    return statistics.median(x[key] for x in runs)
 
 
 def _traced_step(fn):
@@ -132,8 +176,9 @@ def _traced_step(fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkouts", nargs=2, metavar=("A", "B"),
-                   help="two source trees of mrcnn_tf (e.g. a `git worktree` of the old commit)")
+    p.add_argument("--checkouts", nargs="+", metavar="TREE",
+                   help="one or two source trees of mrcnn_tf (e.g. a `git worktree` of the old "
+                        "commit, then this one)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "coco128"))
     p.add_argument("--output", default=None, help="results JSON")
@@ -142,8 +187,8 @@ def main():
     if args.worker:
         print("@@" + json.dumps(worker(*args.worker, args.data)), flush=True)
         return
-    if not args.checkouts:
-        p.error("--checkouts A B is required")
+    if not args.checkouts or len(args.checkouts) > 2:
+        p.error("--checkouts takes one or two source trees")
     for c in args.checkouts:
         if not (pathlib.Path(c) / "mrcnn_tf" / "__init__.py").is_file():
             p.error(f"--checkouts: {c} is not a source tree of mrcnn_tf")
@@ -154,7 +199,8 @@ def main():
         for c in args.checkouts:
             res = subprocess.run([sys.executable, __file__, "--worker", c, batch_path,
                                   "--data", args.data], capture_output=True, text=True,
-                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0",
+                                          TF_CPP_VMODULE="meta_optimizer=1"))
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("@@")]
             if res.returncode or not lines:
                 sys.exit(f"worker for {c} failed:\n{res.stderr[-3000:]}")
@@ -164,14 +210,25 @@ def main():
           "median | steady steps (s) | first - steady (s), median |\n"
           "|---|---|---|---|---|---|---|---|")
     for c, runs in results.items():
-        def median(key, runs=runs):
-            return statistics.median(x[key] for x in runs)
-
         steady = [round(s, 2) for x in runs for s in x["steady_s"]]
         each = ", ".join(f"{x['first_s']:.2f}" for x in runs)
-        print(f"| {c} | {runs[0]['ops']} | {each} | {median('first_s'):.2f} | "
-              f"{median('trace_s'):.2f} | {median('first_run_s'):.2f} | "
-              f"{min(steady)}-{max(steady)} | {median('first_minus_steady_s'):.2f} |")
+        print(f"| {c} | {runs[0]['ops']} | {each} | {_median(runs, 'first_s'):.2f} | "
+              f"{_median(runs, 'trace_s'):.2f} | {_median(runs, 'first_run_s'):.2f} | "
+              f"{min(steady)}-{max(steady)} | {_median(runs, 'first_minus_steady_s'):.2f} |")
+    print("\nThe first run against the faster steady step, medians: wall, grappler, CPU (user, "
+          "system) and memory touched for the first time (minor faults x 4 KiB).\n\n"
+          "| checkout | first run (s) | steady (s) | grappler (s) | user CPU, first / steady (s) | "
+          "system CPU, first / steady (s) | first touch, first / steady (GiB) |\n"
+          "|---|---|---|---|---|---|---|")
+    for c, runs in results.items():
+        for x in runs:
+            x["steady_min_s"] = min(x["steady_s"])
+        print(f"| {c} | {_median(runs, 'first_run_s'):.2f} | {_median(runs, 'steady_min_s'):.2f} "
+              f"| {_median(runs, 'grappler_s'):.2f} | {_median(runs, 'first_run_user_s'):.1f} / "
+              f"{_median(runs, 'steady_user_s'):.1f} | {_median(runs, 'first_run_sys_s'):.2f} / "
+              f"{_median(runs, 'steady_sys_s'):.2f} | "
+              f"{_median(runs, 'first_run_minflt') * 4 / 2**20:.2f} / "
+              f"{_median(runs, 'steady_minflt') * 4 / 2**20:.2f} |")
     if args.output:
         with open(args.output, "w") as f:
             commits = {c: subprocess.run(["git", "-C", c, "rev-parse", "--short", "HEAD"],

@@ -11,7 +11,7 @@ model, times the first call of ``make_train_function()`` on that batch (what ``f
 and two steady steps after it. Reported per checkout: every first call, split into the Python
 trace of the step's graph (and its op count) and the first run (grappler's rewrites, first
 allocations, the step), the steady steps, and first minus the faster steady step. The first
-run is split further: grappler's rewrites (the sum of the pass times TensorFlow logs with
+run is split further: grappler's rewrites (their wall time in the log TensorFlow writes with
 ``TF_CPP_VMODULE=meta_optimizer=1``, during the first run only), and the first run's user and
 system CPU seconds and minor page faults against the faster steady step's (memory touched for
 the first time). Float32, 2 threads.
@@ -120,7 +120,7 @@ def worker(checkout: str, batch_path: str, data_dir: str) -> dict:
     # The first step in two parts: the Python trace of the step's graph, timed on the traced
     # function the train function holds (the call after it reuses that trace), then the first
     # run (grappler's rewrites, first allocations, the step itself). TensorFlow's log (fd 2)
-    # goes to a file during the first run only: grappler's pass times are read from it.
+    # goes to a file during the first run only: grappler's wall time is read from it.
     traced = _traced_step(fn)
     t0 = time.perf_counter()
     graph = traced.get_concrete_function(batch).graph

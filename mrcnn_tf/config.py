@@ -150,8 +150,13 @@ class RPNConfig:
                         " user's notes)", choices=("smooth_l1", "weighted_smooth_l1", "giou"))
     box_loss_weights: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "per-coordinate weights of"
                                               " weighted_smooth_l1 (dy, dx, dh, dw)", min=0.0)
-    smooth_l1_beta: float = opt(1.0 / 9.0, "smooth L1 transition (torchvision/detectron2 RPN)",
+    smooth_l1_beta: float = opt(1.0 / 9.0, "smooth L1 transition of loss_rpn_box: 1/9 as"
+                                " torchvision's RPN; 0 = L1, detectron2's RPN.SMOOTH_L1_BETA",
                                 min=0.0)
+    loss_normalizer: str = opt("sampled", "what both RPN losses are divided by: the anchors"
+                               " sampled (torchvision), or batch_size_per_image x images, the"
+                               " count asked for (detectron2's RPN); equal whenever the sampler"
+                               " fills its quota", choices=("sampled", "requested"))
     objectness_loss_weight: float = opt(1.0, "weight of loss_rpn_objectness", min=0.0)
     box_loss_weight: float = opt(1.0, "weight of loss_rpn_box", min=0.0)
 
@@ -480,6 +485,10 @@ def _check_consistency(cfg: Config) -> None:
     if m.init_from and m.backbone.weights:
         raise ConfigError("model.init_from and model.backbone.weights both initialise the"
                           " backbone: set one of them")
+    if m.rpn.loss_normalizer == "requested" and m.rpn.batch_size_per_image is None:
+        raise ConfigError("model.rpn.loss_normalizer=requested divides by"
+                          " model.rpn.batch_size_per_image, which is null (no sampling): set"
+                          " it, or loss_normalizer=sampled")
     if m.rpn.objectness_loss == "focal" and m.rpn.objectness != "sigmoid":
         raise ConfigError("model.rpn.objectness_loss=focal needs model.rpn.objectness=sigmoid")
 

@@ -99,6 +99,7 @@ def losses(m: ModelConfig) -> Losses:
     return Losses(
         rpn_objectness=r.objectness_loss, focal_alpha=r.focal_alpha, focal_gamma=r.focal_gamma,
         rpn_box=r.box_loss, rpn_beta=r.smooth_l1_beta, rpn_box_weights=r.box_loss_weights,
+        rpn_requested=r.batch_size_per_image if r.loss_normalizer == "requested" else None,
         box_beta=m.box_head.smooth_l1_beta, mask=m.mask_head.loss,
         weights={"loss_rpn_objectness": r.objectness_loss_weight,
                  "loss_rpn_box": r.box_loss_weight,

@@ -1,7 +1,8 @@
 """Mask R-CNN losses: pure, padding-aware functions in float32.
 
 Normalisation follows torchvision: RPN losses are sums over the batch's sampled anchors divided by
-their number; box-head losses are sums over the sampled RoIs divided by their number; the mask
+their number (or, as detectron2 divides them, by the number of anchors the sampler was asked for:
+``rpn_requested``); box-head losses are sums over the sampled RoIs divided by their number; the mask
 loss is the mean over foreground RoIs and pixels. ``normalizer`` counts are all-reduced across
 replicas under a ``tf.distribute`` strategy, so the gradients summed over replicas equal the
 single-device ones for the same global batch. An image without objects gives exactly zero box and
@@ -75,14 +76,27 @@ def focal_loss(logits: tf.Tensor, labels: tf.Tensor, alpha: float, gamma: float)
     return alpha_t * (1 - p_t) ** gamma * ce
 
 
+def rpn_normalizer(sampled: tf.Tensor, requested: int | None = None) -> tf.Tensor:
+    """What both RPN losses are divided by: the number of sampled anchors in the global batch
+    (torchvision), or with ``requested`` (anchors asked of the sampler per image) that many
+    times the global number of images (detectron2's ``batch_size_per_image * num_images``).
+    sampled: [B, N] bool."""
+    if requested is None:
+        return _normalizer(sampled)
+    images = tf.cast(tf.shape(sampled)[0], tf.float32)
+    return tf.maximum(global_sum(images * float(requested)), 1.0)
+
+
 def rpn_objectness_loss(logits: tf.Tensor, labels: tf.Tensor, sampled: tf.Tensor,
-                        kind: str = "bce", alpha: float = 0.25, gamma: float = 2.0) -> tf.Tensor:
+                        kind: str = "bce", alpha: float = 0.25, gamma: float = 2.0,
+                        normalizer: tf.Tensor | None = None) -> tf.Tensor:
     """RPN objectness over the sampled anchors.
 
     Args:
       logits: [B, N] sigmoid logits or [B, N, 2] softmax logits.
       labels: [B, N] float 1/0; sampled: [B, N] bool.
       kind: "bce" (log loss) or "focal".
+      normalizer: what the sum is divided by (default: the sampled count, global).
     Returns: scalar.
     """
     logits = tf.cast(logits, tf.float32)
@@ -94,20 +108,21 @@ def rpn_objectness_loss(logits: tf.Tensor, labels: tf.Tensor, sampled: tf.Tensor
     else:
         per = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     w = tf.cast(sampled, tf.float32)
-    return tf.reduce_sum(per * w) / _normalizer(sampled)
+    return tf.reduce_sum(per * w) / (_normalizer(sampled) if normalizer is None else normalizer)
 
 
 def rpn_box_loss(deltas: tf.Tensor, targets: tf.Tensor, positive: tf.Tensor, sampled: tf.Tensor,
                  kind: str = "smooth_l1", beta: float = 1.0 / 9.0,
                  coord_weights=(1.0, 1.0, 1.0, 1.0), anchors: tf.Tensor | None = None,
                  matched_boxes: tf.Tensor | None = None,
-                 coder: BoxCoder | None = None) -> tf.Tensor:
+                 coder: BoxCoder | None = None, normalizer: tf.Tensor | None = None) -> tf.Tensor:
     """RPN box regression on the sampled positives, normalised by the sampled count.
 
     Args:
       deltas, targets: [B, N, 4]; positive, sampled: [B, N] bool.
       kind: "smooth_l1", "weighted_smooth_l1" (per-coordinate ``coord_weights``) or "giou"
         (needs ``anchors`` [N, 4], ``matched_boxes`` [B, N, 4] and ``coder``).
+      normalizer: what the sum is divided by (default: the sampled count, global).
     Returns: scalar.
     """
     deltas = tf.cast(deltas, tf.float32)
@@ -120,7 +135,7 @@ def rpn_box_loss(deltas: tf.Tensor, targets: tf.Tensor, positive: tf.Tensor, sam
         if kind == "weighted_smooth_l1":
             per = per * tf.constant(coord_weights, tf.float32)
         per = tf.reduce_sum(per, axis=-1)
-    return tf.reduce_sum(per * w) / _normalizer(sampled)
+    return tf.reduce_sum(per * w) / (_normalizer(sampled) if normalizer is None else normalizer)
 
 
 def box_class_loss(logits: tf.Tensor, classes: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
@@ -184,17 +199,19 @@ class Losses:
     Args:
       rpn_objectness: "bce" or "focal" (``focal_alpha``, ``focal_gamma``); rpn_box:
         "smooth_l1", "weighted_smooth_l1" (``rpn_box_weights``) or "giou"; rpn_beta: its smooth
-        L1 transition; box_beta: the RoI box loss's; mask: "bce" or "dice"; weights: {loss key:
-        weight}.
+        L1 transition; rpn_requested: divide both RPN losses by this many anchors per image
+        (detectron2) instead of the number sampled (None, torchvision); box_beta: the RoI box
+        loss's; mask: "bce" or "dice"; weights: {loss key: weight}.
     """
 
     def __init__(self, rpn_objectness="bce", focal_alpha=0.25, focal_gamma=2.0,
                  rpn_box="smooth_l1", rpn_beta=1.0 / 9.0, rpn_box_weights=(1.0, 1.0, 1.0, 1.0),
-                 box_beta=0.0, mask="bce", weights=None):
+                 rpn_requested=None, box_beta=0.0, mask="bce", weights=None):
         self.rpn_objectness, self.focal_alpha, self.focal_gamma = (rpn_objectness, focal_alpha,
                                                                    focal_gamma)
         self.rpn_box, self.rpn_beta = rpn_box, rpn_beta
         self.rpn_box_weights = tuple(rpn_box_weights)
+        self.rpn_requested = rpn_requested
         self.box_beta, self.mask = box_beta, mask
         self.weights = dict(weights or {})
 
@@ -205,14 +222,15 @@ class Losses:
         outputs on ``rois`` (:meth:`TargetAssigner.rois`); mask_logits and mask_targets of the
         RoIs of ``rois["fg"]``."""
         fg = rois["fg"]
+        rpn_norm = rpn_normalizer(rpn_targets["sampled"], self.rpn_requested)
         losses = {
             "loss_rpn_objectness": rpn_objectness_loss(
                 rpn["objectness"], rpn_targets["labels"], rpn_targets["sampled"],
-                self.rpn_objectness, self.focal_alpha, self.focal_gamma),
+                self.rpn_objectness, self.focal_alpha, self.focal_gamma, rpn_norm),
             "loss_rpn_box": rpn_box_loss(
                 rpn["deltas"], rpn_targets["box_targets"], rpn_targets["positive"],
                 rpn_targets["sampled"], self.rpn_box, self.rpn_beta, self.rpn_box_weights,
-                anchors, rpn_targets["matched_boxes"], rpn_coder),
+                anchors, rpn_targets["matched_boxes"], rpn_coder, rpn_norm),
             "loss_box_class": box_class_loss(box["class_logits"], rois["classes"],
                                              rois["valid"]),
             "loss_box_reg": box_reg_loss(box["box_deltas"], rois["box_targets"],
@@ -227,4 +245,5 @@ class Losses:
         return {"rpn_objectness": self.rpn_objectness, "focal_alpha": self.focal_alpha,
                 "focal_gamma": self.focal_gamma, "rpn_box": self.rpn_box,
                 "rpn_beta": self.rpn_beta, "rpn_box_weights": list(self.rpn_box_weights),
+                "rpn_requested": self.rpn_requested,
                 "box_beta": self.box_beta, "mask": self.mask, "weights": dict(self.weights)}

@@ -112,3 +112,47 @@ def test_float16_inputs_give_float32_losses():
     out = L.box_class_loss(tf.zeros([1, 2, 3], tf.float16), tf.zeros([1, 2], tf.int32),
                            tf.ones([1, 2], bool))
     assert out.dtype == tf.float32
+
+
+def test_rpn_losses_divided_by_the_requested_count_as_detectron2():
+    """detectron2's rpn.py divides both RPN losses by batch_size_per_image x images, however
+    many anchors the sampler found; torchvision by the number it sampled. Hand-computed: two
+    images, 3 of 4 anchors sampled in all, 8 asked for per image."""
+    logits = tf.constant([[0.0, 2.0], [-1.0, 5.0]])
+    labels = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    sampled = tf.constant([[True, True], [True, False]])
+    per = [math.log(2), math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))]
+    losses = L.Losses(rpn_requested=8)
+    assert float(L.rpn_normalizer(sampled)) == 3.0
+    assert float(L.rpn_normalizer(sampled, 8)) == 16.0
+    np.testing.assert_allclose(
+        L.rpn_objectness_loss(logits, labels, sampled,
+                              normalizer=L.rpn_normalizer(sampled, losses.rpn_requested)),
+        sum(per) / 16, rtol=1e-6)
+    deltas = tf.constant([[[0.5, 0.0, 0.0, 0.0], [0.0] * 4], [[0.0, -2.0, 0.0, 0.0], [0.0] * 4]])
+    positive = tf.constant([[True, False], [True, False]])  # sampled positives
+    l1 = L.rpn_box_loss(deltas, tf.zeros_like(deltas), positive, sampled, beta=0.0,
+                        normalizer=L.rpn_normalizer(sampled, 8))
+    np.testing.assert_allclose(l1, 2.5 / 16, rtol=1e-6)
+    np.testing.assert_allclose(L.rpn_box_loss(deltas, tf.zeros_like(deltas), positive, sampled,
+                                              beta=0.0), 2.5 / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, beta, normalizer", [
+    ("coco_r50_fpn_1x", 0.0, "requested"), ("detectron2_r50_fpn", 0.0, "requested"),
+    ("detectron2_r101_fpn", 0.0, "requested"), ("detectron2_x101_32x8d_fpn", 0.0, "requested"),
+    ("torchvision_r50_fpn", 1 / 9, "sampled"), ("torchvision_r50_fpn_v2", 1 / 9, "sampled")])
+def test_each_recipe_trains_the_rpn_as_its_reference(name, beta, normalizer):
+    """detectron2's defaults.py: RPN.SMOOTH_L1_BETA = 0.0 (L1), its losses over
+    BATCH_SIZE_PER_IMAGE x images; torchvision's rpn.py: smooth L1 with beta 1/9 over the
+    sampled anchors. The factory hands each to the losses."""
+    from mrcnn_tf.config import load_config
+    from mrcnn_tf.factory import losses
+    from tests.conftest import REPO
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+    terms = losses(cfg.model)
+    assert terms.rpn_beta == pytest.approx(beta)
+    assert cfg.model.rpn.loss_normalizer == normalizer
+    assert terms.rpn_requested == (cfg.model.rpn.batch_size_per_image
+                                   if normalizer == "requested" else None)

@@ -47,6 +47,7 @@ def test_training_path_equals_torchvision():
 
 @pytest.mark.parametrize("override, loss", [
     ("model.box_head.smooth_l1_beta=0.0", "loss_box_reg"),  # detectron2's L1
+    ("model.rpn.smooth_l1_beta=0.0", "loss_rpn_box"),  # detectron2's RPN L1
     ("model.mask_head.target=binary", "loss_mask"),  # detectron2's thresholded targets
     ("model.roi_align.aligned=true", "loss_mask"),  # and its half-pixel RoIAlign
 ])

@@ -25,7 +25,12 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """An invalid configuration: the message names the dotted key and the allowed values."""
+    """An invalid configuration: the message names the dotted key and the allowed values.
+    ``key``: that dotted key, where one key is at fault."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
@@ -320,6 +325,11 @@ class DataConfig:
 
     train: SourceConfig = section(SourceConfig)
     eval: SourceConfig = field(default_factory=_eval_source, metadata={"doc": "evaluation split"})
+    class_ids: str = opt("contiguous", "what a new model's classes 1..N are: the training"
+                         " JSON's categories in id order (detectron2, Model Garden), or the"
+                         " category ids themselves, 1..model.num_classes (torchvision's COCO"
+                         " labels: 90 classes, ids with gaps). A resumed run keeps its"
+                         " labels.json", choices=("contiguous", "category_id"))
     image_size: int = opt(1024, "side S of the one square canvas [B, S, S, 3] when"
                           " data.canvas_long_sides is null; images are resized as"
                           " model.preprocess says, then padded", min=32)
@@ -432,6 +442,19 @@ class Config:
         _check_consistency(self)
 
 
+# Settings that change no weight: how a trained model's outputs are post-processed at test time,
+# and implementations with the same numbers. A run's model may change them wherever it is used
+# (evaluation, export, predict, mrcnn_tf.load_run, and a resumed run); every other model key is
+# what its weights were trained with.
+INFERENCE_KEYS = ("model.detection.", "model.rpn.pre_nms_topk_test",
+                  "model.rpn.post_nms_topk_test", "model.nms_impl", "model.roi_align.impl")
+
+
+def is_inference_key(key: str) -> bool:
+    """Whether the dotted ``key`` changes no weight (see INFERENCE_KEYS)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in INFERENCE_KEYS)
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation and loading
 # ----------------------------------------------------------------------------------------------
@@ -509,36 +532,38 @@ def _convert(value: Any, tp, key: str, meta: dict) -> Any:
     if origin is tuple:
         (elem, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}",
+                              key)
         return tuple(_convert(v, elem, f"{key}[{i}]", meta) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}", key)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}", key)
     elif tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key)
     else:  # pragma: no cover - the schema only uses the types above
         raise TypeError(f"unsupported option type {tp} for {key}")
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}",
+                          key)
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         rel = ">" if meta.get("min_exclusive") else ">="
         bound = f"{rel} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {bound}")
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {bound}", key)
     if hi is not None and value > hi:
         raise ConfigError(f"{key}: {value!r} is out of range; allowed: <= {hi}"
-                          + (f" and >= {lo}" if lo is not None else ""))
+                          + (f" and >= {lo}" if lo is not None else ""), key)
     return value
 
 
@@ -552,9 +577,10 @@ def _build(cls, data: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = prefix or "the top level"
-        raise ConfigError(f"unknown key {_join(prefix, unknown[0])!r} in {where}; allowed keys:"
-                          f" {', '.join(sorted(fields))}")
+        key = _join(prefix, unknown[0])
+        raise ConfigError(f"unknown key {key!r}{_did_you_mean(unknown[0], fields, prefix)} in "
+                          f"{prefix or 'the top level'}; allowed keys: "
+                          f"{', '.join(sorted(fields))}", key)
     kwargs = {}
     for name, f in fields.items():
         key = _join(prefix, name)
@@ -573,6 +599,14 @@ def _build(cls, data: Any, prefix: str):
                 raise ConfigError(f"{key}: is an option, not a section (got {data[name]!r})")
             kwargs[name] = _convert(data[name], tp, key, dict(f.metadata))
     return cls(**kwargs)
+
+
+def _did_you_mean(name: str, allowed, prefix: str) -> str:
+    """"; did you mean 'train.steps'?" for the allowed name closest to ``name``, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {_join(prefix, close[0])!r}?)" if close else ""
 
 
 def _deep_update(base: dict, new: Any, prefix: str) -> None:
@@ -623,13 +657,38 @@ def _apply_override(tree: dict, override: str) -> None:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    _check_key(key, override)
     node = tree
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {p!r} is an option, not a section")
+            raise ConfigError(f"override {key}: {p}: is an option, not a section", key)
         node = child
     node[parts[-1]] = value
+
+
+def _check_key(key: str, override: str) -> None:
+    """Raises ConfigError, naming the override and the closest key, when ``key`` is not an
+    option of the schema."""
+    cls, prefix = Config, ""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"override {override!r}: unknown key {_join(prefix, part)!r}"
+                              f"{_did_you_mean(part, hints, prefix)} in "
+                              f"{prefix or 'the top level'}; allowed keys: "
+                              f"{', '.join(sorted(hints))}", key)
+        prefix = _join(prefix, part)
+        if not dataclasses.is_dataclass(hints[part]):
+            if i != len(parts) - 1:
+                raise ConfigError(f"override {override!r}: {prefix}: is an option, not a "
+                                  "section", key)
+            return
+        cls = hints[part]
+    first = sorted(typing.get_type_hints(cls))[0]
+    raise ConfigError(f"override {override!r}: {key}: is a section; expected a mapping of its "
+                      f"options: set one of them, e.g. {key}.{first}=...", key)
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] | None = None
@@ -718,8 +777,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
+        given = {o.partition("=")[0].strip(): o for o in overrides or ()}
+        if str(e).startswith("override "):  # the override is at fault, not the file
+            raise
+        if e.key in given:
+            raise ConfigError(f"override {given[e.key]!r}: {e}", e.key) from None
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"{where}{e}", e.key) from None
 
 
 def to_dict(cfg) -> dict:

@@ -12,6 +12,11 @@ condition for removing it.
    tensors (keras-team/keras#20585). The model's weights, optimiser and metrics are already
    built by ``build()`` and ``compile()``, so there is nothing to build. Remove once Keras skips
    built models itself (tests/test_training.py::test_multi_worker_* guards this).
+4. ``quiet_end_of_data``: Keras 3.15's ``fit``/``evaluate``/``predict`` warn "Your input ran out
+   of data" whenever a dataset of unknown cardinality ends, which every dataset with a filter or
+   ``group_by_window`` (the canvases) does, though every batch was used. Silenced when no step
+   count was asked for, so that it still warns when ``steps`` outran the data. Remove when Keras
+   warns only for a shortfall.
 3. ``multi_worker_logs``: Keras 3.15's ``fit`` reduces every log with
    ``strategy.reduce(MEAN, axis=0)`` under MultiWorkerMirroredStrategy, which fails on scalars
    (keras-team/keras#20585, tensorflow#72388). Logs of shape [1] make that reduce return the
@@ -20,7 +25,9 @@ condition for removing it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 
 import tensorflow as tf
 from keras.src.backend.tensorflow.trainer import reduce_per_replica
@@ -28,10 +35,11 @@ from keras.src.backend.tensorflow.trainer import reduce_per_replica
 logger = logging.getLogger("mrcnn_tf")
 
 
-def step_function(model, step, what: str, jit_compile: bool = False):
+def step_function(model, step, what: str, jit_compile: bool = False, check=None):
     """``fn(iterator) -> logs`` running ``step`` (train_step or test_step) on the next batch
     under the model's distribution strategy, traced once per input shape; with
-    ``jit_compile``, each replica's step is compiled by XLA (as Keras compiles it).
+    ``jit_compile``, each replica's step is compiled by XLA (as Keras compiles it). ``check``:
+    called eagerly on each batch before the step (it raises on a batch the step cannot take).
 
     The step is traced without AutoGraph: the model's code writes its loops and conditions
     with TensorFlow ops, and converting its functions took about a second of each trace."""
@@ -56,9 +64,14 @@ def step_function(model, step, what: str, jit_compile: bool = False):
             optional = iterator.get_next_as_optional()
             if not optional.has_value():
                 raise StopIteration
-            return one_step_on_data(optional.get_value())
+            data = optional.get_value()
+            if check is not None:
+                check(data)
+            return one_step_on_data(data)
         outputs = None
         for data in iterator:  # train_on_batch / test_on_batch hand a one-batch generator
+            if check is not None:
+                check(data)
             outputs = one_step_on_data(data)
         return outputs
 
@@ -77,3 +90,12 @@ def multi_worker_logs(logs: dict) -> dict:
             and strategy.extended._in_multi_worker_mode()):
         return {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
+
+
+@contextlib.contextmanager
+def quiet_end_of_data(steps):
+    """Silences Keras' "Your input ran out of data" when ``steps`` is None (see 4. above)."""
+    with warnings.catch_warnings():
+        if steps is None:
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield

@@ -76,6 +76,8 @@ class MaskRCNN(keras.Model):
         self.config = config
         self.loss_trackers = {k: keras.metrics.Mean(name=k) for k in LOSS_KEYS + ("loss",)}
         self.xla = False  # compile(jit_compile=True)
+        # What classes 1..N are, when known (mrcnn_tf.load_run sets them from labels.json).
+        self.category_ids = self.class_names = None
 
     # -- the algorithm, one screen -----------------------------------------------------------
 
@@ -185,12 +187,34 @@ class MaskRCNN(keras.Model):
 
     def compile(self, optimizer=None, jit_compile=False, **kwargs):
         """Keras compile with this model's defaults: the optimiser of its config when none is
-        given, and XLA only when asked (``jit_compile=True``) and when every part has static
-        shapes (:meth:`xla_blockers`); ``"auto"`` means no XLA, because the default
-        implementations (crop_and_resize, TensorFlow's NMS kernels) have no XLA kernel."""
+        given (its warmup and step schedule included), and XLA only when asked
+        (``jit_compile=True``) and when every part has static shapes (:meth:`xla_blockers`);
+        ``"auto"`` means no XLA, because the default implementations (crop_and_resize,
+        TensorFlow's NMS kernels) have no XLA kernel.
+
+        The model computes its own five losses and targets, so ``loss``, ``metrics`` and
+        ``steps_per_execution`` > 1 are refused with the reason (COCO AP during ``fit``:
+        :class:`mrcnn_tf.evaluation.CocoMetricCallback`)."""
         if jit_compile not in (False, None, "auto", True):
             raise ValueError(f"MaskRCNN.compile: jit_compile must be True or False, got "
                              f"{jit_compile!r}")
+        for key in ("loss", "loss_weights"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"MaskRCNN.compile: {key}={kwargs[key]!r} is not used: the model computes "
+                    "its five losses itself (loss_rpn_objectness, loss_rpn_box, loss_box_class, "
+                    "loss_box_reg, loss_mask); weigh them with the config's "
+                    "model.*.loss_weight keys")
+        for key in ("metrics", "weighted_metrics"):
+            if kwargs.get(key):
+                raise ValueError(
+                    f"MaskRCNN.compile: {key}={kwargs[key]!r} cannot be computed: the model's "
+                    "outputs are detections, not the targets of a Keras metric. For COCO box "
+                    "and mask AP in fit's logs and history (val_bbox_AP, val_segm_AP), pass "
+                    "mrcnn_tf.evaluation.CocoMetricCallback(config) in fit's callbacks")
+        if kwargs.get("steps_per_execution", 1) != 1:
+            raise ValueError("MaskRCNN.compile: steps_per_execution must be 1 (each step is "
+                             "traced for its own canvas shape and runs one batch)")
         if jit_compile is True:
             blockers = self.xla_blockers()
             if blockers:
@@ -222,6 +246,75 @@ class MaskRCNN(keras.Model):
             out.append("model.mask_head.static_rois=true (the batch's positives are a dynamic "
                        "count)")
         return out
+
+    def fit(self, x=None, y=None, *args, callbacks=None, shuffle=None, **kwargs):
+        """Keras ``fit``. A ``tf.data`` input is shuffled by its pipeline, so ``shuffle``
+        defaults to False there (Keras would warn that it ignores True). Keras' callbacks that
+        set the learning rate (LearningRateScheduler, ReduceLROnPlateau) need an optimiser
+        with a settable rate: with the config's schedule (``compile()``'s default) they are
+        refused before training, saying how to compile for them."""
+        if shuffle is None:
+            shuffle = not isinstance(x, tf.data.Dataset | tf.distribute.DistributedDataset)
+        setters = (keras.callbacks.LearningRateScheduler, keras.callbacks.ReduceLROnPlateau)
+        setting = [type(c).__name__ for c in callbacks or () if isinstance(c, setters)]
+        if setting and self.optimizer is not None and _has_schedule(self.optimizer):
+            raise ValueError(
+                f"MaskRCNN.fit: keras.callbacks.{setting[0]} sets the optimiser's learning "
+                "rate, but this model was compiled with the config's schedule (warmup, then "
+                "steps: train.warmup_steps, train.decay_steps), which Keras cannot set. Compile "
+                "with a constant rate for the callback to drive, e.g. model.compile(optimizer="
+                "mrcnn_tf.optim.build_optimizer(config.train, schedule=False)), or drop the "
+                "callback and keep the schedule")
+        with keras_compat.quiet_end_of_data(kwargs.get("steps_per_epoch")):
+            return super().fit(x, y, *args, callbacks=callbacks, shuffle=shuffle, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, steps=None, **kwargs):
+        """Keras ``evaluate``: the five losses on ``x`` (COCO AP:
+        :func:`mrcnn_tf.evaluation.run.evaluate` or ``CocoMetricCallback``)."""
+        with keras_compat.quiet_end_of_data(steps):
+            return super().evaluate(x, y, *args, steps=steps, **kwargs)
+
+    def predict(self, x, *args, steps=None, **kwargs):
+        """Keras ``predict``: the detections of every batch of ``x``, concatenated."""
+        with keras_compat.quiet_end_of_data(steps):
+            return super().predict(x, *args, steps=steps, **kwargs)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras ``load_weights`` (``.weights.h5``), which also takes what ``train.py`` writes:
+        a run directory (its newest finite checkpoint) or a checkpoint prefix
+        (``RUN/checkpoints/ckpt-400``). For a run with its own configuration, use
+        ``mrcnn_tf.load_run(model_dir)``, which also builds the run's model."""
+        import os
+
+        from mrcnn_tf import rundir
+        from mrcnn_tf.checkpoint import restore
+
+        path = os.fspath(filepath)
+        if os.path.isdir(path) and os.path.isdir(rundir.checkpoint_dir(path)):
+            if rundir.restore_newest_finite(self, path) is None:
+                raise FileNotFoundError(f"{path}: no checkpoint in {rundir.checkpoint_dir(path)}")
+            return None
+        if os.path.exists(path + ".index"):
+            return restore(self, path)
+        return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def check_targets(self, data):
+        """Refuses, before the step runs, a batch whose ``gt_classes`` exceed the model's
+        classes (a user's own pipeline): the loss would fail deep inside TensorFlow. Eager;
+        ``data`` is one batch, or its per-replica values under a strategy."""
+        targets = data[1] if isinstance(data, tuple | list) and len(data) > 1 else None
+        if not isinstance(targets, dict) or "gt_classes" not in targets:
+            return
+        classes = targets["gt_classes"]
+        values = getattr(classes, "values", None) or (classes,)
+        top = max(int(tf.reduce_max(tf.cast(v, tf.int32))) for v in values)
+        limit = self.box_head.num_classes
+        if top > limit:
+            raise ValueError(
+                f"targets['gt_classes'] holds class {top}, but the model has "
+                f"{limit} classes (1..{limit}; 0 background, -1 padding): map the dataset's "
+                f"categories to 1..{limit}, or build the model with model.num_classes={top} "
+                "or more")
 
     def get_compile_config(self):
         return super().get_compile_config()
@@ -274,13 +367,13 @@ class MaskRCNN(keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is None or force:
             self.train_function = keras_compat.step_function(self, self.train_step, "training",
-                                                             self.xla)
+                                                             self.xla, self.check_targets)
         return self.train_function
 
     def make_test_function(self, force=False):
         if self.test_function is None or force:
             self.test_function = keras_compat.step_function(self, self.test_step, "test",
-                                                            self.xla)
+                                                            self.xla, self.check_targets)
         return self.test_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -320,6 +413,28 @@ class MaskRCNN(keras.Model):
         cfg = config["config"]
         cfg = cfg if isinstance(cfg, Config) else config_from_dict(cfg)
         return cls(**model_parts(cfg), name=config.get("name", "mask_rcnn"))
+
+
+def _has_schedule(optimizer) -> bool:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    return isinstance(getattr(inner, "_learning_rate", None),
+                      keras.optimizers.schedules.LearningRateSchedule)
+
+
+@keras.saving.register_keras_serializable(package="mrcnn_tf")
+class RunDirectory:
+    """What ``keras.models.load_model(MODEL_DIR)`` builds for a run directory (its config.json
+    names this class, ``mrcnn_tf.rundir.KERAS_POINTER``): an error saying how to load it."""
+
+    def get_config(self):  # Keras registers only classes that have one
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        raise ValueError("this is an mrcnn_tf run directory (train.py or mrcnn_tf.tools.convert), "
+                         "not a Keras model file: load its trained model with "
+                         "mrcnn_tf.load_run(model_dir), or model.load_weights(model_dir) into "
+                         "a model of the same config")
 
 
 def build_model(config: Config) -> MaskRCNN:

@@ -128,13 +128,20 @@ def scaled_learning_rate(t: TrainConfig) -> float:
     return t.base_learning_rate * t.batch_size / t.reference_batch_size
 
 
-def build_optimizer(t: TrainConfig) -> keras.optimizers.Optimizer:
+def build_optimizer(t: TrainConfig, schedule: bool = True) -> keras.optimizers.Optimizer:
     """The config's optimiser: :class:`SGD` (PyTorch's update, coupled decay) or Keras AdamW
     (decoupled decay), decaying the variables ``train.weight_decay_params`` selects; wrapped for
     loss scaling under ``mixed_float16``. Gradient clipping is done by the model after
-    cross-replica aggregation."""
-    schedule = WarmupStepDecay(scaled_learning_rate(t), t.warmup_steps, t.warmup_factor,
-                               t.decay_steps, t.decay_rate)
+    cross-replica aggregation.
+
+    ``schedule=False``: a constant rate (the scaled base rate) instead of the warmup and step
+    schedule, for Keras' callbacks that set the rate (LearningRateScheduler,
+    ReduceLROnPlateau)."""
+    if schedule:
+        schedule = WarmupStepDecay(scaled_learning_rate(t), t.warmup_steps, t.warmup_factor,
+                                   t.decay_steps, t.decay_rate)
+    else:
+        schedule = scaled_learning_rate(t)
     if t.optimizer == "sgd":
         opt = SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay,
                   weight_decay_params=t.weight_decay_params)

@@ -12,7 +12,9 @@ overlay keeps the image's path relative to the inputs' common folder (``a/1.jpg`
 ``mrcnn_tf.evaluation.coco.evaluate_results_json`` scores them); otherwise the file names'
 numbers when every name is a distinct number (COCO's ``000000000009.jpg`` -> 9), else 1, 2, ...
 in path order. ``image_ids.json`` lists the id given to each path. Classes are the dataset's
-category ids.
+category ids. ``--set`` changes a run's post-processing (``model.detection.*``, the test-time
+proposal counts; nothing that changes a weight). Exit codes: 0 done, 2 an input, flag or model
+that cannot be used, named with the fix (also when no input was a usable image).
 """
 
 from __future__ import annotations
@@ -84,21 +86,19 @@ def image_ids(paths: list[str], annotations: str | None = None) -> list[int]:
     return list(range(1, len(paths) + 1))
 
 
-def load_model_dir(model_dir: str):
-    """(predict_batch, category_ids, class_names) of a training run's latest checkpoint.
+def load_model_dir(model_dir: str, overrides=()):
+    """(predict_batch, category_ids, class_names) of a training run's newest finite
+    checkpoint, with ``overrides`` of what changes no weight (``model.detection.*``, ...).
     predict_batch: list of uint8 [H, W, 3] images -> one dict per image with ``boxes`` [n, 4]
     in its pixels, ``scores`` [n], ``classes`` [n] (1..N) and ``masks`` [n, H, W] uint8."""
     import tensorflow as tf
 
-    from mrcnn_tf.checkpoint import restore
-    from mrcnn_tf.model import build_model
     from mrcnn_tf.ops.masks import paste_masks
-    from mrcnn_tf.rundir import read_run
+    from mrcnn_tf.rundir import load_run
 
-    config, latest, ids, names = read_run(model_dir)
-    model = build_model(config)
-    restore(model, latest)
-    det_cfg = config.model.detection
+    model = load_run(model_dir, overrides)
+    ids, names = list(model.category_ids), list(model.class_names)
+    det_cfg = model.config.model.detection
     fn = tf.function(lambda x, s: model({"images": x, "image_sizes": s}, training=False),
                      reduce_retracing=True)
 
@@ -122,15 +122,18 @@ def load_model_dir(model_dir: str):
 
 
 def load_saved_model(path: str):
-    """(predict_batch, category_ids, class_names) of an exported SavedModel, as
-    :func:`load_model_dir` (a string in place of an image's dict: the reason the SavedModel
+    """(predict_batch, category_ids, class_names) of an exported SavedModel (a version
+    directory, or a TF Serving base folder: its highest version), as :func:`load_model_dir` (a
+    string in place of an image's dict: the reason the SavedModel
     refused it, its ``errors`` entry). Batches go through its ``image_bytes`` signature when it
     has one (images of different sizes, its own decoding); otherwise ``image_tensor``, one image
     at a time. Masks come in the export's mode (full, box or png) and are returned full-size."""
     import tensorflow as tf
 
     from mrcnn_tf.ops.masks import paste_masks
+    from mrcnn_tf.serving import saved_model_dir
 
+    path = saved_model_dir(path)
     loaded = tf.saved_model.load(path)
     with open(os.path.join(path, "assets", "labels.json"), encoding="utf-8") as f:
         labels = json.load(f)
@@ -174,8 +177,9 @@ def main(argv=None) -> int:
         epilog="Inputs: files, directories (recursive) and quoted glob patterns.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_dir", help="a train.py run directory: its latest checkpoint")
-    src.add_argument("--saved_model", help="an exported SavedModel version directory "
-                                           "(EXPORT_BASE/N)")
+    src.add_argument("--saved_model", help="an exported SavedModel: a version directory "
+                                           "(EXPORT_BASE/N), or the base folder (its highest "
+                                           "version, as TF Serving serves it)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB",
                    help="image files, directories searched recursively, or glob patterns")
     p.add_argument("--output_dir", required=True,
@@ -188,12 +192,19 @@ def main(argv=None) -> int:
     p.add_argument("--score_threshold", type=float, default=0.5,
                    help="keep detections with at least this score, in the overlays and in "
                         "results.json (default 0.5; 0 keeps all the model returns)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="with --model_dir: post-processing overrides that change no weight, "
+                        "e.g. model.detection.score_threshold=0.01 "
+                        "model.detection.max_detections=50 (a SavedModel's are fixed at export)")
     args = p.parse_args(argv)
     from mrcnn_tf.cli import quiet
 
     quiet()
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.set and args.saved_model:
+        p.error("--set applies to --model_dir; a SavedModel's post-processing was fixed when it "
+                "was exported (export again with --set, or filter here with --score_threshold)")
     try:
         paths = find_images(args.inputs)
         ids_of = image_ids(paths, args.annotations)
@@ -203,13 +214,18 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
+    from mrcnn_tf.config import ConfigError
     from mrcnn_tf.evaluation.coco import CocoEvaluator
     from mrcnn_tf.visualize import draw_detections, save_png
 
-    if args.model_dir:
-        predict_batch, ids, names = load_model_dir(args.model_dir)
-    else:
-        predict_batch, ids, names = load_saved_model(args.saved_model)
+    try:
+        if args.model_dir:
+            predict_batch, ids, names = load_model_dir(args.model_dir, args.set)
+        else:
+            predict_batch, ids, names = load_saved_model(args.saved_model)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     ev = CocoEvaluator(ids, names)
     names_out = output_names(paths)
@@ -258,6 +274,11 @@ def main(argv=None) -> int:
         json.dump(done, f, indent=1)
     print(f"wrote {len(ev.results)} detections of {len(done)} images to "
           f"{args.output_dir}/results.json" + (f"; {skipped} skipped" if skipped else ""))
+    if not done:
+        print(f"error: none of the {len(paths)} input files could be used (each is named "
+              "above with its reason); give image files (JPEG, PNG, BMP, GIF, WebP)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -410,6 +410,25 @@ def _parse_examples(examples):
     return encoded, reasons
 
 
+def saved_model_dir(path: str) -> str:
+    """The SavedModel that ``path`` names: ``path`` itself when it holds ``saved_model.pb``,
+    else, for a TF Serving base folder (``EXPORT_BASE`` holding versions ``1/``, ``2/``, ...),
+    its highest version, as TF Serving serves it.
+
+    Raises FileNotFoundError naming ``path`` and what it holds."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--saved_model {path}: no such directory (an export of "
+                                "export_saved_model.py: EXPORT_BASE or EXPORT_BASE/N)")
+    versions = sorted((int(d) for d in os.listdir(path) if d.isdigit()
+                       and os.path.isfile(os.path.join(path, d, "saved_model.pb"))), reverse=True)
+    if not versions:
+        raise FileNotFoundError(f"--saved_model {path}: neither a SavedModel (no saved_model.pb) "
+                                "nor a TF Serving base folder of numbered versions holding one")
+    return os.path.join(path, str(versions[0]))
+
+
 def next_version(base: str) -> int:
     """The next free version number under a TF Serving export base (1 for a new base)."""
     versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []

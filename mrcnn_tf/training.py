@@ -14,10 +14,11 @@ import keras
 import tensorflow as tf
 
 from mrcnn_tf import rundir
-from mrcnn_tf.checkpoint import make_checkpoint, restore
+from mrcnn_tf.checkpoint import make_checkpoint
 from mrcnn_tf.config import Config, ConfigError
 from mrcnn_tf.data import DataError, build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
+from mrcnn_tf.rundir import weights_finite
 
 logger = logging.getLogger("mrcnn_tf")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -88,13 +89,6 @@ def is_chief() -> bool:
         return True
     return task.get("type") == "worker" and task.get("index", 0) == 0 and \
         "chief" not in cfg.get("cluster", {})
-
-
-def weights_finite(model) -> bool:
-    """Whether every weight of ``model`` (and its optimiser) is finite."""
-    variables = list(model.weights) + list(getattr(model.optimizer, "variables", []))
-    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32)))
-                               for v in variables if "float" in str(v.dtype)]))
 
 
 class CheckpointEvery(keras.callbacks.Callback):
@@ -250,6 +244,11 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
                          f"replicas ({replicas})")
     if rundir.latest_checkpoint(model_dir) is None:
         check_initialisation(config)
+    # The data, before anything is built or written. A resumed run maps its data onto the
+    # classes it was trained with (its labels.json).
+    labels = rundir.read_labels(model_dir) if rundir.has_labels(model_dir) else None
+    info = source_info(config, training=True, labels=labels)
+    require_data(config, info)
     chief = is_chief()
     os.makedirs(model_dir, exist_ok=True)
     lock = rundir.RunLock(model_dir) if chief else None
@@ -257,13 +256,13 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
         lock.acquire()
     try:
         return _train(config, strategy, model_dir, chief, verbose, extra_callbacks,
-                      final_weights)
+                      final_weights, info)
     finally:
         if lock:
             lock.release()
 
 
-def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_weights):
+def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_weights, info):
     t = config.train
     replicas = strategy.num_replicas_in_sync
     if replicas > 1 and "bn" in (config.model.backbone.norm, config.model.fpn.norm,
@@ -281,14 +280,13 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
         ckpt_dir = os.path.join(model_dir, "tmp_worker", str(os.getpid()))
     os.makedirs(ckpt_dir, exist_ok=True)
 
-    info = source_info(config, training=True)
-    require_data(config, info)
     jit = config.train.jit_compile or _is_tpu(strategy)
     check_xla_devices(strategy, jit)
     with strategy.scope():
         model = build_model(config)
         model.compile(jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
+    model.category_ids, model.class_names = tuple(info.category_ids), tuple(info.class_names)
     dataset = _distributed_dataset(config, strategy, info)
     manager = tf.train.CheckpointManager(make_checkpoint(model, model.optimizer), ckpt_dir,
                                          max_to_keep=3)
@@ -351,30 +349,19 @@ def _remove_partial_checkpoints(ckpt_dir: str) -> None:
 
 
 def restore_finite(model, model_dir: str) -> int | None:
-    """Restores the newest checkpoint of ``model_dir`` whose weights are all finite (a NaN run
-    of an older version may have saved non-finite ones after its last good step) and returns
-    its step; None when the run has no checkpoint.
+    """Restores the newest checkpoint of ``model_dir`` whose weights are all finite, with the
+    optimiser's state, and returns its step; None when the run has no checkpoint
+    (:func:`mrcnn_tf.rundir.restore_newest_finite`).
 
     Raises:
       ValueError: the run has checkpoints but none is finite.
     """
-    state = tf.train.get_checkpoint_state(rundir.checkpoint_dir(model_dir))
-    if state is None or not state.all_model_checkpoint_paths:
+    path = rundir.restore_newest_finite(model, model_dir, model.optimizer)
+    if path is None:
         return None
-    paths = list(state.all_model_checkpoint_paths)
-    if state.model_checkpoint_path not in paths:
-        paths.append(state.model_checkpoint_path)
-    for path in reversed(paths):
-        if not tf.io.gfile.exists(path + ".index"):
-            continue
-        restore(model, path, model.optimizer)
-        if weights_finite(model):
-            step = int(model.optimizer.iterations.numpy())
-            print(f"resumed from {path} at step {step}", flush=True)
-            return step
-        print(f"skipping {path}: its weights are not finite", flush=True)
-    raise ValueError(f"no checkpoint in {rundir.checkpoint_dir(model_dir)} has finite weights; "
-                     "start a new --model_dir (model.init_from can take an earlier run)")
+    step = int(model.optimizer.iterations.numpy())
+    print(f"resumed from {path} at step {step}", flush=True)
+    return step
 
 
 def require_data(config: Config, info) -> None:

@@ -95,6 +95,30 @@ def test_bad_values_name_the_key(override, pattern):
         load_config(None, [override])
 
 
+def test_a_mistyped_key_names_the_override_and_the_key_meant(tmp_path):
+    """A bad --set names the override, not the YAML file it was applied to, and the closest
+    key; a mistyped key in a file names the file and the closest key."""
+    shapes = str(REPO / "configs" / "shapes.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(shapes, ["train.step=10"])
+    assert str(e.value).startswith("override 'train.step=10': unknown key 'train.step' (did you "
+                                   "mean 'train.steps'?)")
+    assert "shapes.yaml" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^override 'train\.steps=ten': train\.steps: "
+                                          "expected an integer"):
+        load_config(shapes, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match="did you mean 'model.detection.score_threshold'"):
+        load_config(shapes, ["model.detection.score_treshold=0.3"])
+    with pytest.raises(ConfigError) as e:
+        load_config(shapes, ["model.rpn.xyz=1"])
+    assert "did you mean" not in str(e.value)  # nothing close: the allowed keys only
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  step: 10\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'train\.step' \(did you "
+                                          r"mean 'train\.steps'\?\)"):
+        load_config(str(bad))
+
+
 def test_bad_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  rpn:\n    nms_thresh: 0.7\n")

@@ -138,3 +138,47 @@ def test_evaluating_the_saved_model_equals_the_keras_model(run_dir, capsys):
     assert keras_res["num_images"] == saved_res["num_images"] == 4
     assert saved_res["bbox"]["AP50"] == pytest.approx(keras_res["bbox"]["AP50"], abs=1e-3)
     assert saved_res["segm"]["AP50"] == pytest.approx(keras_res["segm"]["AP50"], abs=0.02)
+
+
+def test_post_processing_set_at_predict_and_mistakes_that_exit_2(shared_data, run_dir, tmp_path,
+                                                                 capsys):
+    """In process (main(argv)): --set changes a run's post-processing, a SavedModel's base
+    folder serves its highest version as TF Serving does, and each mistake exits 2 with one
+    line naming the flag or file: a folder that is not a run, a model key, --set with a
+    SavedModel, and inputs of which none is an image."""
+    from mrcnn_tf.predict import main
+
+    photos = sorted((shared_data / "coco_tiny16" / "train2017").iterdir())[:2]
+    out = tmp_path / "out"
+    assert main(["--model_dir", str(run_dir), *map(str, photos), "--output_dir", str(out),
+                 "--score_threshold", "0", "--set", "model.detection.max_detections=2",
+                 "model.detection.score_threshold=0.0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    per_image = [sum(r["image_id"] == int(p.stem) for r in results) for p in photos]
+    assert per_image == [2, 2]  # the shapes model returns 20 at score threshold 0 otherwise
+    capsys.readouterr()
+    assert main(["--saved_model", str(run_dir / "export"), str(photos[0]),
+                 "--output_dir", str(tmp_path / "base")]) == 0
+    assert (tmp_path / "base" / (photos[0].stem + ".png")).exists()
+    not_an_image = tmp_path / "notes" / "a.jpg"
+    not_an_image.parent.mkdir()
+    not_an_image.write_text("text, not a JPEG")
+    cases = [
+        (["--model_dir", str(tmp_path)], "has no config.json: not a run directory"),
+        (["--model_dir", str(run_dir), "--set", "model.fpn.channels=8"],
+         "model.fpn.channels: the model in"),
+        (["--saved_model", str(tmp_path)], "neither a SavedModel"),
+        (["--model_dir", str(run_dir), str(not_an_image)], "none of the 1 input files"),
+    ]
+    for args, expected in cases:
+        capsys.readouterr()
+        inputs = [] if any(a.endswith(".jpg") for a in args) else [str(photos[0])]
+        assert main([*inputs, *args, "--output_dir", str(tmp_path / "x")]) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("error: ")]
+        assert len(err) == 1 and expected in err[0], (args, err)
+    with pytest.raises(SystemExit) as e:
+        main(["--saved_model", str(run_dir / "export"), str(photos[0]), "--output_dir",
+              str(tmp_path / "x"), "--set", "model.detection.max_detections=2"])
+    assert e.value.code == 2
+    assert "--set applies to --model_dir" in capsys.readouterr().err

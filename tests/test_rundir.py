@@ -66,3 +66,89 @@ def test_a_resumed_run_keeps_its_model_and_logs_what_changes(tmp_path):
     # A new directory takes the file.
     config, changed = resolve_config(str(tmp_path / "new"), COCO, [])
     assert config.model.backbone.name == "resnet50" and changed == []
+
+
+def test_post_processing_changes_on_an_existing_run_and_weights_do_not(tmp_path):
+    """Keys that change no weight (model.detection.*, the test-time proposal counts, the
+    implementations with the same numbers) may be set wherever a run's model is used; any
+    other model key is refused, naming it, with wording for the use (export is no resume)."""
+    saved = load_config(SHAPES)
+    write_config(str(tmp_path), saved)
+    allowed = ["model.detection.score_threshold=0.0", "model.detection.max_detections=7",
+               "model.rpn.post_nms_topk_test=50", "model.nms_impl=static"]
+    for purpose in ("resume", "export", "predict", "evaluation", "load_run"):
+        config, changed = resolve_config(str(tmp_path), None, allowed, purpose=purpose)
+        assert config.model.detection.score_threshold == 0.0
+        assert config.model.detection.max_detections == 7
+        assert config.model.rpn.post_nms_topk_test == 50 and config.model.nms_impl == "static"
+        assert changed == ["model.detection.max_detections", "model.detection.score_threshold",
+                           "model.nms_impl", "model.rpn.post_nms_topk_test"]
+    with pytest.raises(ConfigError) as e:
+        resolve_config(str(tmp_path), None, ["model.rpn.post_nms_topk_train=50"],
+                       purpose="export")
+    message = str(e.value)
+    assert message.startswith("model.rpn.post_nms_topk_train: the model in ")
+    assert "resume" not in message and "export keeps" in message
+    assert "model.detection.*" in message
+    with pytest.raises(ConfigError, match=r"model\.fpn\.channels cannot change when it resumes"):
+        resolve_config(str(tmp_path), None, ["model.fpn.channels=8"])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A shapes run directory: config.json, labels.json, a checkpoint."""
+    import mrcnn_tf
+    from mrcnn_tf.checkpoint import make_checkpoint
+    from mrcnn_tf.rundir import write_labels
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config(SHAPES)
+    model = mrcnn_tf.build_model(cfg)
+    (root / "checkpoints").mkdir()
+    make_checkpoint(model).save(str(root / "checkpoints" / "ckpt"))
+    write_config(str(root), cfg)
+    write_labels(str(root), [1, 2, 3], ["square", "circle", "triangle"])
+    return root, model
+
+
+def test_load_run_gives_the_trained_model_with_post_processing_overrides(small_run):
+    import numpy as np
+
+    import mrcnn_tf
+
+    root, model = small_run
+    loaded = mrcnn_tf.load_run(str(root), ["model.detection.score_threshold=0.25",
+                                           "model.detection.max_detections=5"])
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert loaded.category_ids == (1, 2, 3)
+    assert loaded.class_names == ("square", "circle", "triangle")
+    assert loaded.detection_generator.score_threshold == 0.25
+    out = loaded(np.zeros((1, 96, 128, 3), np.uint8))
+    assert out["detection_boxes"].shape == (1, 5, 4)
+    with pytest.raises(ConfigError, match=r"model\.backbone\.norm: the model in .* load_run"):
+        mrcnn_tf.load_run(str(root), ["model.backbone.norm=group_norm"])
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json: not a run directory"):
+        mrcnn_tf.load_run(str(root / "checkpoints"))
+
+
+def test_keras_ways_of_loading_a_run_directory(small_run):
+    """keras.models.load_model on a run directory says to use load_run (Keras reads a folder
+    with a config.json as a saved Keras model); load_weights takes the run directory and a
+    checkpoint prefix as well as Keras' own files."""
+    import keras
+    import numpy as np
+
+    import mrcnn_tf
+
+    root, model = small_run
+    with pytest.raises(ValueError, match=r"mrcnn_tf run directory.*mrcnn_tf\.load_run"):
+        keras.models.load_model(str(root))
+    saved = json.loads((root / "config.json").read_text())
+    assert saved["class_name"] == "RunDirectory" and saved["model"]["num_classes"] == 3
+    for source in (root, root / "checkpoints" / "ckpt-1"):
+        other = mrcnn_tf.build_model(load_config(SHAPES))
+        other.load_weights(str(source))
+        for a, b in zip(other.weights, model.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())

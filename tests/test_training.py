@@ -510,11 +510,14 @@ def test_init_from_refuses_other_architectures_by_weight(tmp_path):
         load_initial_weights(wider, str(tmp_path / "empty"))
 
 
-def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared_data):
-    """The README's path: convert torchvision's COCO model (its reduced-width fixture here),
-    then train.py --set model.init_from=RUN on a COCO-format dataset with other classes: the
-    frozen backbone is accepted because it is initialised, the class layers are re-initialised
-    and named, and training runs."""
+@pytest.mark.parametrize("classes", ["other", "coco"])
+def test_fine_tune_converted_torchvision_model(tmp_path, shared_data, classes):
+    """The README's paths: convert torchvision's COCO model (its reduced-width fixture here),
+    then train.py --set model.init_from=RUN on a COCO-format dataset. The frozen backbone is
+    accepted because it is initialised. With other classes (model.num_classes=80, contiguous)
+    the class layers are re-initialised and named; on COCO's own category ids (an 80-category
+    JSON) the 90 classes and their layers carry over, and the run's labels are
+    torchvision's."""
     from mrcnn_tf.tools.convert_torchvision import convert
     from tests.scripts import torchvision_parity as tp
 
@@ -522,11 +525,12 @@ def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared
         np.savez(tmp_path / "tv.npz", **{k[3:]: f[k] for k in f.files if k.startswith("sd/")})
     convert(str(tmp_path / "tv.npz"), str(tmp_path / "coco"), None, tp.small_overrides())
     tiny = shared_data / "coco_tiny16"
+    other = ["model.num_classes=80", "data.class_ids=contiguous"] if classes == "other" else []
     res = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config",
          str(REPO / "configs" / "torchvision_r50_fpn.yaml"), "--mode", "train", "--model_dir",
          str(tmp_path / "ft"), "--verbose", "0", "--set", *tp.small_overrides(),
-         f"model.init_from={tmp_path / 'coco'}", "model.num_classes=80",
+         f"model.init_from={tmp_path / 'coco'}", *other,
          f"data.train.annotation_file={tiny}/instances_train2017.json",
          f"data.train.image_dir={tiny}/train2017", "train.batch_size=1",
          "train.steps=2", "train.checkpoint_every=2", "model.rpn.post_nms_topk_train=200",
@@ -534,10 +538,20 @@ def test_fine_tune_converted_torchvision_model_on_other_classes(tmp_path, shared
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"initialised from {tmp_path / 'coco'}; re-initialised (shape differs): " in res.stdout
-    for layer in ("box_head/class_logits/kernel", "box_head/box_deltas/kernel",
-                  "mask_head/mask_logits/kernel"):
-        assert layer in res.stdout
+    layers = ("box_head/class_logits/kernel", "box_head/box_deltas/kernel",
+              "mask_head/mask_logits/kernel")
+    labels = json.loads((tmp_path / "ft" / "labels.json").read_text())
+    if classes == "other":
+        assert (f"initialised from {tmp_path / 'coco'}; re-initialised (shape differs): "
+                in res.stdout)
+        for layer in layers:
+            assert layer in res.stdout
+        assert len(labels) == 80 and labels[11]["id"] == 13  # contiguous: the 12th category
+    else:
+        assert f"initialised from {tmp_path / 'coco'}\n" in res.stdout
+        assert "re-initialised" not in res.stdout
+        assert labels == json.loads((tmp_path / "coco" / "labels.json").read_text())
+        assert [e["id"] for e in labels] == list(range(1, 91))
     with open(tmp_path / "ft" / "summary.json") as f:
         assert json.load(f)["final_step"] == 2
 
@@ -550,7 +564,8 @@ def _small_torchvision(shared_data, extra=()):
 
     tiny = shared_data / "coco_tiny16"
     cfg = mrcnn_tf.load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", [
-        *tp.small_overrides(), "model.num_classes=90", "train.batch_size=2",
+        *tp.small_overrides(), "model.num_classes=90", "data.class_ids=contiguous",
+        "train.batch_size=2",
         f"data.train.annotation_file={tiny}/instances_train2017.json",
         f"data.train.image_dir={tiny}/train2017", "data.max_instances=32",
         "data.train.source=coco", *extra])
@@ -667,3 +682,77 @@ def test_xla_over_logical_cpu_replicas_is_refused_with_the_reason():
     # The default strategy (what train.py uses without --strategy) has no worker_devices.
     for jit in (False, True):
         check_xla_devices(tf.distribute.get_strategy(), jit)
+
+
+def test_keras_conventions_compile_callbacks_and_predict():
+    """What a Keras user tries: metrics in compile are refused with the way to COCO AP; a
+    callback that sets the learning rate is refused before a step under the config's schedule
+    and drives a constant-rate optimiser; predict on a finite dataset gives every batch without
+    Keras' "ran out of data" warning (kept when steps outrun the data)."""
+    import warnings
+
+    from mrcnn_tf.optim import build_optimizer
+
+    cfg, model = _model()
+    with pytest.raises(ValueError, match="CocoMetricCallback"):
+        model.compile(metrics=["accuracy"])
+    with pytest.raises(ValueError, match="computes its five losses itself"):
+        model.compile(loss="mse")
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.004 / (epoch + 1))
+    with pytest.raises(ValueError, match=r"LearningRateScheduler.*schedule=False"):
+        model.fit(build_dataset(cfg, True), steps_per_epoch=1, epochs=1, verbose=0,
+                  callbacks=[scheduler])
+    assert int(model.optimizer.iterations) == 0
+    model.compile(optimizer=build_optimizer(cfg.train, schedule=False))
+    hist = model.fit(build_dataset(cfg, True), steps_per_epoch=1, epochs=2, verbose=0,
+                     callbacks=[scheduler])
+    assert hist.history["learning_rate"] == pytest.approx([0.004, 0.002])
+    images = build_dataset(cfg, False).map(lambda i, t: i)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = model.predict(images, verbose=0)
+    assert out["detection_boxes"].shape[0] == 4  # data.eval.num_images
+    assert not [w for w in seen if "ran out of data" in str(w.message)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.predict(images, steps=5, verbose=0)  # 2 batches exist
+    assert [w for w in seen if "ran out of data" in str(w.message)]
+
+
+def test_a_class_above_num_classes_from_a_users_pipeline_is_refused_before_the_step():
+    cfg, model = _model()
+    images, targets = next(iter(build_dataset(cfg, True)))
+    bad = dict(targets, gt_classes=tf.where(targets["gt_classes"] == 2, 7,
+                                            targets["gt_classes"]))
+    ds = tf.data.Dataset.from_tensors((images, bad)).repeat()
+    with pytest.raises(ValueError, match=r"gt_classes'\] holds class 7, but the model has 3 "
+                                         r"classes.*model\.num_classes=7"):
+        model.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 0
+
+
+def test_coco_ap_in_fit_history_for_keras_callbacks(tmp_path):
+    """CocoMetricCallback puts COCO box and mask AP into each epoch's logs, so that History,
+    EarlyStopping and ModelCheckpoint(save_best_only) after it see them; its numbers are
+    those of evaluate() on the same model."""
+    from mrcnn_tf.evaluation import CocoMetricCallback
+    from mrcnn_tf.evaluation.run import evaluate, model_predict_fn
+
+    cfg, model = _model(["model.detection.score_threshold=0.0"])
+    best = tmp_path / "best.weights.h5"
+    hist = model.fit(build_dataset(cfg, True), steps_per_epoch=2, epochs=2, verbose=0,
+                     callbacks=[
+                         CocoMetricCallback(cfg),
+                         keras.callbacks.EarlyStopping(monitor="val_segm_AP", mode="max",
+                                                       patience=3),
+                         keras.callbacks.ModelCheckpoint(str(best), monitor="val_segm_AP",
+                                                         mode="max", save_best_only=True,
+                                                         save_weights_only=True)])
+    for key in ("val_bbox_AP", "val_bbox_AP50", "val_segm_AP", "val_segm_APl"):
+        assert len(hist.history[key]) == 2 and all(-1 <= v <= 1 for v in hist.history[key])
+    assert best.exists()
+    again = evaluate(model_predict_fn(model), cfg)
+    assert hist.history["val_bbox_AP"][-1] == pytest.approx(again["bbox"]["AP"])
+    assert hist.history["val_segm_AP50"][-1] == pytest.approx(again["segm"]["AP50"])
+    with pytest.raises(Exception, match=r"data\.eval\.annotation_file"):
+        CocoMetricCallback(mrcnn_tf.load_config(SHAPES, ["data.eval.source=coco"]))

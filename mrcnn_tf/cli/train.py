@@ -67,6 +67,24 @@ def export_run(model, config, model_dir: str) -> str:
     return path
 
 
+def check_data(config, mode: str) -> None:
+    """Refuses, before a model is built, a source that the mode needs and is not set or names
+    nothing that exists (ConfigError naming the key)."""
+    from mrcnn_tf.config import ConfigError
+    from mrcnn_tf.data.pipeline import check_source
+
+    if mode in ("train", "train_and_eval"):
+        check_source(config, training=True)
+    if mode in ("eval", "train_and_eval"):
+        try:
+            check_source(config, training=False)
+        except ConfigError as e:
+            if mode == "eval":
+                raise
+            raise ConfigError(f"{e} (train_and_eval evaluates on data.eval; --mode train "
+                              "trains without evaluating)", e.key) from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet()
@@ -80,7 +98,10 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
     model_dir = args.model_dir or os.path.join("runs", name)
     try:
-        config, changed = resolve_config(model_dir, args.config, args.set, DEFAULT_CONFIG)
+        config, changed = resolve_config(model_dir, args.config, args.set, DEFAULT_CONFIG,
+                                         purpose="evaluation" if args.mode == "eval"
+                                         else "resume")
+        check_data(config, args.mode)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +111,18 @@ def main(argv=None) -> int:
 
     from mrcnn_tf.training import is_chief, make_strategy, train
 
-    strategy = make_strategy(args.strategy, args.cpu_replicas)  # before the model
+    try:
+        strategy = make_strategy(args.strategy, args.cpu_replicas)  # before the model
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.strategy in ("mirrored", "multi_worker", "tpu"):
+        devices = getattr(strategy.extended, "worker_devices", ())
+        print(f"--strategy {args.strategy}: {strategy.num_replicas_in_sync} replica"
+              f"{'s' if strategy.num_replicas_in_sync > 1 else ''}"
+              + (f" ({', '.join(devices)})" if devices else "")
+              + (" (no GPU found: one CPU replica, as --strategy default; --cpu_replicas N "
+                 "splits the CPU)" if strategy.num_replicas_in_sync == 1 else ""), flush=True)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     if args.mode == "eval":
         from mrcnn_tf.evaluation.run import evaluate_model_dir

@@ -113,19 +113,27 @@ class CocoDataset:
         TFRecord converter keeps them, flagged, as Model Garden's converter does).
       category_ids: COCO category id of each contiguous class (index 0 = class 1).
       class_names: their names.
+      json_category_ids: the file's own category ids, in increasing order.
       report: what was skipped and why.
+
+    ``label_ids``: the model's classes 1..N as category ids (a run's ``labels.json``, or
+    torchvision's class = category id), when they are not the file's categories in id order;
+    annotations of a category outside them are skipped, named.
     """
 
     def __init__(self, annotation_file: str, image_dir: str, keep_empty_images: bool = True,
                  max_instances: int | None = None, check_files: bool = True,
-                 include_crowd: bool = False):
+                 include_crowd: bool = False, label_ids=None):
         self.annotation_file, self.image_dir = annotation_file, image_dir
         self.include_crowd = include_crowd
         self.report = DataReport(os.path.basename(annotation_file))
         data = _load_json(annotation_file)
         cats = sorted(data["categories"], key=lambda c: c["id"])
-        self.category_ids = [int(c["id"]) for c in cats]
-        self.class_names = [str(c.get("name", c["id"])) for c in cats]
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+        self.json_category_ids = [int(c["id"]) for c in cats]
+        self.category_ids = ([int(i) for i in label_ids] if label_ids is not None
+                             else list(self.json_category_ids))
+        self.class_names = [names.get(i, "N/A") for i in self.category_ids]
         self.contiguous = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
 
         anns_by_image: dict[int, list] = {}
@@ -140,10 +148,14 @@ class CocoDataset:
             anns_by_image.setdefault(ann["image_id"], []).append(ann)
 
         self.records = []
+        missing = []  # (image id, reason): warned unless every image is missing
         for image_id in sorted(images):
             im = images[image_id]
             path = os.path.join(image_dir, im["file_name"])
             if check_files:
+                if not os.path.isfile(path):
+                    missing.append((image_id, f"missing image file: {path}"))
+                    continue
                 problem = check_image_file(path, (int(im["height"]), int(im["width"])))
                 if problem:
                     self.report.warn("image", image_id, problem)
@@ -152,6 +164,14 @@ class CocoDataset:
             if not rec["classes"].size and not keep_empty_images:
                 continue
             self.records.append(rec)
+        if missing and len(missing) == len(images):
+            example = os.path.join(image_dir, images[missing[0][0]]["file_name"])
+            raise DataError(f"{annotation_file}: no usable images: none of its {len(images)} "
+                            f"images is in the image folder {image_dir!r} ({example} does not "
+                            "exist); point image_dir at the folder of the file names the JSON "
+                            "lists")
+        for image_id, reason in missing:
+            self.report.warn("image", image_id, reason)
         if not self.records:
             raise DataError(f"{annotation_file}: no usable images (images in file: "
                             f"{len(images)}; {self.report.summary()})")
@@ -186,7 +206,9 @@ class CocoDataset:
 
     def _check_annotation(self, ann, h, w) -> str | None:
         if ann.get("category_id") not in self.contiguous:
-            return f"category id not in categories: {ann.get('category_id')}"
+            return (f"category id not in categories: {ann.get('category_id')}"
+                    if ann.get("category_id") not in self.json_category_ids else
+                    f"category id not among the model's classes: {ann.get('category_id')}")
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             return f"malformed bbox: {bbox!r}"

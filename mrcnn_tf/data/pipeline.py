@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,29 +31,91 @@ class SourceInfo:
 
 
 def _check_source(src: SourceConfig, key: str) -> None:
+    """The keys a source needs are set and name what exists (before anything is read)."""
     need = {"coco": ("annotation_file", "image_dir"), "tfrecord": ("tfrecord_pattern",),
             "shapes": ()}[src.source]
     for field in need:
         if not getattr(src, field):
-            raise ConfigError(f"{key}.{field} is required when {key}.source={src.source}")
+            raise ConfigError(f"{key}.{field} is required when {key}.source={src.source}",
+                              f"{key}.{field}")
+    if src.annotation_file and not os.path.isfile(src.annotation_file):
+        what = "is a directory" if os.path.isdir(src.annotation_file) else "not found"
+        raise ConfigError(f"{key}.annotation_file: {src.annotation_file} {what}; set "
+                          f"{key}.annotation_file=PATH to a COCO instances JSON",
+                          f"{key}.annotation_file")
+    if src.source == "coco" and not os.path.isdir(src.image_dir):
+        raise ConfigError(f"{key}.image_dir: {src.image_dir} is not a directory; set "
+                          f"{key}.image_dir=PATH to the folder of the images the JSON lists",
+                          f"{key}.image_dir")
+    if src.source == "tfrecord" and not tf.io.gfile.glob(src.tfrecord_pattern):
+        raise ConfigError(f"{key}.tfrecord_pattern: no file matches {src.tfrecord_pattern!r}; "
+                          "set it to a glob of the TFRecord shards (e.g. records/train-*)",
+                          f"{key}.tfrecord_pattern")
 
 
-def source_info(config: Config, training: bool) -> SourceInfo:
-    """Class names and category ids of the train or eval source (reads the COCO JSON once)."""
+def check_source(config: Config, training: bool) -> None:
+    """Raises ConfigError naming the key when the train (or eval) source is not set or names a
+    file or folder that does not exist: cheap, for programs to call before building a model."""
     spec = dataset_spec(config, training)
-    src = spec["source"]
-    _check_source(src, spec["key"])
+    _check_source(spec["source"], spec["key"])
+
+
+def source_info(config: Config, training: bool, labels=None) -> SourceInfo:
+    """Class names and category ids of the model's classes 1..N, and the train or eval source
+    mapped onto them (reads the COCO JSON once).
+
+    ``labels``: (category_ids, class_names) of the model's classes (a run's ``labels.json``);
+    without it they come from the source and ``data.class_ids``: the JSON's categories in id
+    order (contiguous; their number must be model.num_classes), or the category ids
+    1..model.num_classes themselves (category_id, torchvision's COCO labels).
+    """
+    spec = dataset_spec(config, training)
+    src, key, n = spec["source"], spec["key"], spec["num_classes"]
+    _check_source(src, key)
     if src.source == "shapes":
         return SourceInfo(list(shapes_lib.CLASS_NAMES), [1, 2, 3], src.num_images)
+    label_ids = list(labels[0]) if labels is not None else (
+        list(range(1, n + 1)) if spec["class_ids"] == "category_id" else None)
     if src.source == "coco" or src.annotation_file:
         coco = CocoDataset(src.annotation_file, src.image_dir or "",
                            keep_empty_images=spec["keep_empty_images"],
                            max_instances=spec["max_instances"],
-                           check_files=src.source == "coco")
+                           check_files=src.source == "coco", label_ids=label_ids)
+        _check_categories(coco, spec, labels is not None)
         coco.report.log_summary()
-        return SourceInfo(coco.class_names, coco.category_ids, len(coco.records), coco)
-    n = spec["num_classes"]
+        names = list(labels[1]) if labels is not None else coco.class_names
+        return SourceInfo(names, coco.category_ids, len(coco.records), coco)
+    if labels is not None:
+        return SourceInfo(list(labels[1]), list(labels[0]), None)
     return SourceInfo([str(i) for i in range(1, n + 1)], list(range(1, n + 1)), None)
+
+
+def _check_categories(coco: CocoDataset, spec: dict, from_run: bool) -> None:
+    """Training data whose categories the model's classes cannot hold is refused, naming the
+    fix; evaluation data may hold more (COCOeval scores those categories as not detected)."""
+    key, n, where = spec["key"], spec["num_classes"], coco.annotation_file
+    outside = [c for c in coco.json_category_ids if c not in coco.contiguous]
+    if not spec["training"] or not outside:
+        if spec["class_ids"] == "contiguous" and not from_run and \
+                len(coco.json_category_ids) != n:
+            raise ConfigError(
+                f"{key}: {where} has {len(coco.json_category_ids)} categories but "
+                f"model.num_classes is {n}: set model.num_classes="
+                f"{len(coco.json_category_ids)} (each category a class, in id order), or "
+                "data.class_ids=category_id where class i is category id i (torchvision's COCO "
+                "models)", "model.num_classes")
+        return
+    listed = ", ".join(str(c) for c in outside[:5]) + (" ..." if len(outside) > 5 else "")
+    if from_run:
+        raise ConfigError(f"{key}: {where} has categories the model's classes (its run's "
+                          f"labels.json) do not include: {listed}; train them in a new "
+                          "--model_dir (model.init_from keeps every weight but the class layers)",
+                          key)
+    raise ConfigError(f"{key}: {where} has category ids above model.num_classes ({n}), which "
+                      f"data.class_ids=category_id makes the classes: {listed}; set "
+                      f"model.num_classes={max(outside)}, or data.class_ids=contiguous (the "
+                      f"file's {len(coco.json_category_ids)} categories as classes 1..K, with "
+                      f"model.num_classes={len(coco.json_category_ids)})", "data.class_ids")
 
 
 def canvases(config: Config) -> tuple:
@@ -199,8 +262,9 @@ def dataset_spec(config: Config, training: bool) -> dict:
     d, pp = config.data, config.model.preprocess
     src = d.train if training else d.eval
     return {
-        "key": "data.train" if training else "data.eval", "source": src,
-        "num_classes": config.model.num_classes, "transform": transform_params(config),
+        "key": "data.train" if training else "data.eval", "source": src, "training": training,
+        "num_classes": config.model.num_classes, "class_ids": d.class_ids,
+        "transform": transform_params(config),
         "batch_size": config.train.batch_size if training else config.eval.batch_size,
         "deterministic": d.deterministic or not training,
         "seed": config.train.seed if d.deterministic else None,
@@ -242,8 +306,9 @@ def build_dataset(config: Config, training: bool, batch_size: int | None = None,
     _check_source(src, key)
     info = info or source_info(config, training)
     if len(info.class_names) != spec["num_classes"]:
-        raise ConfigError(f"{key} has {len(info.class_names)} categories but "
-                          f"model.num_classes is {spec['num_classes']}")
+        raise ConfigError(f"{key} has {len(info.class_names)} classes but "
+                          f"model.num_classes is {spec['num_classes']}: set "
+                          f"model.num_classes={len(info.class_names)}", "model.num_classes")
     params = spec["transform"]
     if batch_size is None:
         batch_size = spec["batch_size"]

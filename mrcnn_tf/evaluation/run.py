@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn_tf import rundir
 from mrcnn_tf.config import Config
 from mrcnn_tf.data import build_dataset, source_info
 from mrcnn_tf.evaluation.coco import CocoEvaluator
@@ -65,6 +65,13 @@ def evaluate(predict_fn, config: Config, info=None, max_images: int | None = Non
     results["num_images"] = seen
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def model_labels(model):
+    """(category_ids, class_names) of a model's classes when it knows them (a model of
+    ``load_run`` or ``train``), else None (the eval source's categories are the classes)."""
+    ids, names = getattr(model, "category_ids", None), getattr(model, "class_names", None)
+    return (list(ids), list(names)) if ids is not None and names is not None else None
 
 
 def model_predict_fn(model):
@@ -134,7 +141,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
         self.config, self.model_dir = config, model_dir
         self.every = every_n_steps or config.eval.every_n_steps
         self.at_epoch_end, self.write = at_epoch_end, write
-        self.info = source_info(config, training=False)
+        self.info = None  # read when evaluating first, with the model's classes
         self._fn = None
         self._last = -1
         self._writer = tf.summary.create_file_writer(
@@ -148,6 +155,8 @@ class CocoEvalCallback(keras.callbacks.Callback):
         self._last = step
         if self._fn is None:
             self._fn = model_predict_fn(self.model)
+        if self.info is None:
+            self.info = source_info(self.config, training=False, labels=model_labels(self.model))
         results = evaluate(self._fn, self.config, self.info)
         entry = _entry(step, results)
         self.history.append(entry)
@@ -194,31 +203,71 @@ class CocoEvalCallback(keras.callbacks.Callback):
             self.evaluate_now()
 
 
+class CocoMetricCallback(keras.callbacks.Callback):
+    """COCO box and mask AP as Keras metrics of ``fit``: at the end of every ``every_n_epochs``
+    epoch it evaluates the model on the config's eval source (``data.eval``, at most
+    ``num_images`` images) and writes ``val_bbox_AP``, ``val_bbox_AP50``, ``val_bbox_AP75``,
+    ``val_bbox_APs/m/l`` and the same for ``val_segm_`` into the epoch's logs. Place it before
+    the callbacks that read them; ``fit``'s History gets them too::
+
+        model.fit(train, epochs=10, steps_per_epoch=500, callbacks=[
+            CocoMetricCallback(config),
+            keras.callbacks.EarlyStopping(monitor="val_segm_AP", mode="max", patience=2),
+            keras.callbacks.ModelCheckpoint("best.weights.h5", monitor="val_segm_AP",
+                                            mode="max", save_best_only=True,
+                                            save_weights_only=True)])
+
+    The classes are the model's (``model.category_ids``, set by ``mrcnn_tf.load_run`` and
+    ``train.py``), else the eval source's categories.
+    """
+
+    def __init__(self, config: Config, every_n_epochs: int = 1, num_images: int | None = None,
+                 prefix: str = "val_"):
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"CocoMetricCallback: every_n_epochs must be >= 1, got "
+                             f"{every_n_epochs}")
+        from mrcnn_tf.data.pipeline import check_source
+
+        check_source(config, training=False)  # a missing eval source fails before fit starts
+        self.config, self.every, self.num_images = config, int(every_n_epochs), num_images
+        self.prefix = prefix
+        self.info = self._fn = None
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        if self._fn is None:
+            self._fn = model_predict_fn(self.model)
+            self.info = source_info(self.config, training=False, labels=model_labels(self.model))
+        results = evaluate(self._fn, self.config, self.info, max_images=self.num_images)
+        metrics = {f"{self.prefix}{kind}_{k}": float(v) for kind in ("bbox", "segm")
+                   for k, v in results[kind].items()}
+        self.history.append({"epoch": epoch, **metrics})
+        if logs is not None:
+            logs.update(metrics)
+
+
 def evaluate_model_dir(config: Config, model_dir: str, strategy=None) -> dict:
     """Restores the latest checkpoint of ``model_dir``, evaluates it and appends the result to
     ``model_dir/metrics.json``."""
-    from mrcnn_tf.checkpoint import restore
     from mrcnn_tf.model import build_model
 
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    latest = tf.train.latest_checkpoint(ckpt_dir)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         model = build_model(config)
         model.compile()
-    restore(model, latest, model.optimizer)
+    latest = rundir.restore_newest_finite(model, model_dir, model.optimizer)
+    if latest is None:
+        raise FileNotFoundError(f"--model_dir {model_dir}: no checkpoint in "
+                                f"{rundir.checkpoint_dir(model_dir)} to evaluate")
     step = int(model.optimizer.iterations.numpy())
     logger.info("evaluating %s (step %d)", latest, step)
-    info = source_info(config, training=False)
-    if os.path.exists(os.path.join(model_dir, "labels.json")):
-        # The model's classes mean what its label map says (e.g. a converted torchvision model
-        # predicts COCO's 91-label space, not the annotation file's 80 contiguous classes).
-        from mrcnn_tf.rundir import read_labels
-
-        ids, names = read_labels(model_dir)
-        info = dataclasses.replace(info, category_ids=ids, class_names=names)
+    # The model's classes mean what its label map says (e.g. a converted torchvision model
+    # predicts COCO's 91-label space, not the annotation file's 80 contiguous classes).
+    labels = rundir.read_labels(model_dir) if rundir.has_labels(model_dir) else None
+    info = source_info(config, training=False, labels=labels)
     results = evaluate(model_predict_fn(model), config, info)
     append_metrics(model_dir, _entry(step, results))
     return {"checkpoint": latest, "step": step, **results}

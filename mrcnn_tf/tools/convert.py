@@ -193,11 +193,12 @@ def main(argv=None) -> int:
     from mrcnn_tf.cli import quiet
 
     quiet()
+    from mrcnn_tf.config import ConfigError
     from mrcnn_tf.weights import WeightsError
 
     try:
         convert(args.checkpoint, args.output, args.config, args.set, args.family)
-    except (WeightsError, FileNotFoundError) as e:
+    except (WeightsError, FileNotFoundError, ConfigError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

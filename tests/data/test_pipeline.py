@@ -258,7 +258,7 @@ def test_real_photos_batch_on_the_smallest_canvas_that_holds_them(shared_data, t
 
     ann_file, image_dir = _coco_paths(shared_data, "coco_tiny16")
     cfg = load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"), [
-        "model.num_classes=80", f"data.train.annotation_file={ann_file}",
+        f"data.train.annotation_file={ann_file}",
         f"data.train.image_dir={image_dir}", f"data.eval.annotation_file={ann_file}",
         f"data.eval.image_dir={image_dir}", "data.max_instances=32", "eval.batch_size=2",
         "train.batch_size=2"])
@@ -285,3 +285,62 @@ def test_real_photos_batch_on_the_smallest_canvas_that_holds_them(shared_data, t
         assert len(seen) == 16
     # Against the 1344 square: about 0.6 of the pixels.
     assert len(shapes) >= 2 and np.mean(pixels) / (1344 * 1344) < 0.7
+
+
+@pytest.mark.parametrize("name", ["coco_tiny16", "coco128"])
+def test_classes_follow_the_models_label_map(shared_data, name):
+    """torchvision's configs (class i = COCO category id i, 90 classes) train on a COCO JSON
+    of 80 categories: every instance's class is its category id, where the contiguous mapping
+    (detectron2's configs) gives the rank of the id. A run's label map (its labels.json, e.g.
+    in another order) decides the classes of its data when it resumes."""
+    ann_file, image_dir = _coco_paths(shared_data, name)
+    sources = [f"data.train.annotation_file={ann_file}", f"data.train.image_dir={image_dir}"]
+    torchvision = load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"), sources)
+    by_id = source_info(torchvision, training=True)
+    assert by_id.category_ids == list(range(1, 91)) and len(by_id.class_names) == 90
+    assert by_id.class_names[0] == "person" and by_id.class_names[11] == "N/A"  # id 12: unused
+    contiguous = source_info(load_config(str(REPO / "configs" / "detectron2_r50_fpn.yaml"),
+                                         sources), training=True)
+    ids = contiguous.category_ids
+    assert len(ids) == 80 and ids != list(range(1, 81))
+    records = {r["image_id"]: r for r in by_id.coco.records}
+    n = 0
+    for r in contiguous.coco.records:
+        np.testing.assert_array_equal(records[r["image_id"]]["classes"],
+                                      [ids[c - 1] for c in r["classes"]])
+        n += len(r["classes"])
+    assert n > 100
+    # A run's own label map: the classes are positions in it.
+    shuffled = list(reversed(ids))
+    resumed = source_info(torchvision, training=True,
+                          labels=(shuffled, [str(i) for i in shuffled]))
+    for r in resumed.coco.records[:20]:
+        np.testing.assert_array_equal(
+            [shuffled[c - 1] for c in r["classes"]],
+            [ids[c - 1] for c in contiguous.coco.records[
+                [x["image_id"] for x in contiguous.coco.records].index(r["image_id"])]["classes"]])
+    batch = next(iter(build_dataset(load_config(
+        str(REPO / "configs" / "torchvision_r50_fpn.yaml"),
+        [*sources, "data.max_instances=32", "train.batch_size=1",
+         "model.preprocess.short_size=256", "model.preprocess.long_size=416",
+         "data.canvas_long_sides=[256, 320, 416]"]), training=True)))
+    classes = batch[1]["gt_classes"].numpy()
+    assert set(classes[classes > 0]) <= set(ids)
+
+
+def test_classes_that_do_not_fit_the_model_name_the_fix(shared_data):
+    ann_file, image_dir = _coco_paths(shared_data, "coco_tiny16")
+    sources = [f"data.train.annotation_file={ann_file}", f"data.train.image_dir={image_dir}"]
+    with pytest.raises(ConfigError, match=r"category ids above model\.num_classes \(50\).*set "
+                                          r"model\.num_classes=90, or data\.class_ids="
+                                          r"contiguous"):
+        source_info(load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"),
+                                [*sources, "model.num_classes=50"]), training=True)
+    with pytest.raises(ConfigError, match=r"80 categories but model\.num_classes is 3: set "
+                                          r"model\.num_classes=80"):
+        source_info(load_config(str(REPO / "configs" / "shapes.yaml"),
+                                [*sources, "data.train.source=coco"]), training=True)
+    with pytest.raises(ConfigError, match=r"the model's classes \(its run's labels\.json\) do "
+                                          r"not include: 1, 2"):
+        source_info(load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"), sources),
+                    training=True, labels=(list(range(3, 93)), ["x"] * 90))

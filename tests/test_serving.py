@@ -371,11 +371,12 @@ def test_box_mask_output(exported, tmp_path):
 def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tmp_path,
                                                             shared_data):
     """A run whose config sets export.mask_output=png, export.max_detections=5 and
-    export.input_types, exported by the CLI without flags: the SavedModel follows the config,
-    and each PNG decodes to exactly the full-resolution mask of the ``full`` export."""
+    export.input_types, exported by the CLI without flags but with its post-processing set at
+    export (--set model.detection.score_threshold=0.0, a key that changes no weight): the
+    SavedModel follows the config, and each PNG decodes to exactly the full-resolution mask
+    of the ``full`` export."""
     model = exported[0]
-    cfg = mrcnn_tf.load_config(SHAPES, ["model.detection.score_threshold=0.0",
-                                        "export.mask_output=png", "export.max_detections=5",
+    cfg = mrcnn_tf.load_config(SHAPES, ["export.mask_output=png", "export.max_detections=5",
                                         "export.input_types=[image_bytes, image_tensor]"])
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
@@ -384,7 +385,8 @@ def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tm
     write_labels(str(run), IDS, NAMES)
     before = set(os.listdir(tempfile.gettempdir()))
     res = subprocess.run([sys.executable, str(REPO / "export" / "export_saved_model.py"),
-                          "--model_dir", str(run), "--output", str(tmp_path / "export")],
+                          "--model_dir", str(run), "--output", str(tmp_path / "export"),
+                          "--set", "model.detection.score_threshold=0.0"],
                          capture_output=True, text=True, timeout=600, cwd=REPO,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -36,7 +36,7 @@ CANVAS = (800, 1088)
 
 def _overrides(data_dir: str) -> list:
     return ["model.detection.score_threshold=0.0", "model.num_classes=80",
-            "data.train.source=coco",
+            "data.class_ids=contiguous", "data.train.source=coco",
             f"data.train.annotation_file={data_dir}/annotations/instances_train2017.json",
             f"data.train.image_dir={data_dir}/train2017", "train.batch_size=1",
             "data.cache=false", "data.deterministic=true"]

@@ -45,7 +45,8 @@ def worker(args) -> dict:
 
     overrides = list(args.set) + VARIANTS[args.variant]
     if args.coco128:
-        overrides += ["model.num_classes=80", "data.train.source=coco", "data.cache=false",
+        overrides += ["model.num_classes=80", "data.class_ids=contiguous",
+                      "data.train.source=coco", "data.cache=false",
                       f"data.train.annotation_file={COCO128}/annotations/instances_train2017.json",
                       f"data.train.image_dir={COCO128}/train2017"]
     cfg = mrcnn_tf.load_config(REPO / args.config, overrides)

@@ -80,7 +80,8 @@ def main():
         overrides.append("train.mixed_precision=mixed_bfloat16")
     if args.measure in ("data", "e2e", "order"):
         batch = 8 if args.measure == "data" else args.batch
-        overrides += ["model.num_classes=80", "data.train.source=coco",
+        overrides += ["model.num_classes=80", "data.class_ids=contiguous",
+                      "data.train.source=coco",
                       f"data.train.annotation_file={args.data_dir}/annotations/"
                       "instances_train2017.json",
                       f"data.train.image_dir={args.data_dir}/train2017",

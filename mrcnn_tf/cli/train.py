@@ -171,6 +171,11 @@ def main(argv=None) -> int:
                                                                  class_names)
             summary["saved_model"] = export_run(model, config, model_dir)
     print("run summary: " + json.dumps(summary, indent=1), flush=True)
+    if summary.get("predictions"):
+        print(f"\npredictions drawn on {len(summary['predictions'])} validation images: "
+              f"{os.path.dirname(summary['predictions'][0])}/; SavedModel: "
+              f"{summary['saved_model']}; metrics: {os.path.join(model_dir, 'metrics.json')}",
+              flush=True)
     return 0
 
 

@@ -1,7 +1,10 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -55,9 +58,14 @@ def test_predict_cli_on_a_real_image(shared_data, run_dir, tmp_path, source):
 
 
 def _predict(*args):
-    return subprocess.run([sys.executable, "-m", "mrcnn_tf.predict", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    """mrcnn_tf.predict's main in this process (a separate process is what
+    test_predict_cli_on_a_real_image is about): its exit code and what it printed."""
+    from mrcnn_tf.predict import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_folders_globs_and_same_names(shared_data, run_dir, tmp_path):

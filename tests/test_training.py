@@ -756,3 +756,24 @@ def test_coco_ap_in_fit_history_for_keras_callbacks(tmp_path):
     assert hist.history["val_segm_AP50"][-1] == pytest.approx(again["segm"]["AP50"])
     with pytest.raises(Exception, match=r"data\.eval\.annotation_file"):
         CocoMetricCallback(mrcnn_tf.load_config(SHAPES, ["data.eval.source=coco"]))
+
+
+@pytest.mark.slow
+def test_small_machine_recipe_trains_on_real_photos(shared_data, tmp_path):
+    """configs/coco_small_cpu.yaml, as docs/training.md gives it for a user's COCO JSON (here
+    coco_tiny16, 80 categories): from random weights, batches on its 320 x {320, 416, 512}
+    canvases, finite losses, a checkpoint and the run's labels."""
+    from mrcnn_tf.data.pipeline import canvases
+    from mrcnn_tf.training import train
+
+    tiny = shared_data / "coco_tiny16"
+    cfg = mrcnn_tf.load_config(REPO / "configs" / "coco_small_cpu.yaml", [
+        f"data.train.annotation_file={tiny}/instances_train2017.json",
+        f"data.train.image_dir={tiny}/train2017", "train.steps=3", "train.checkpoint_every=3",
+        "train.batch_size=2"])
+    assert set(canvases(cfg)) == {(320, 320), (320, 416), (416, 320), (320, 512), (512, 320)}
+    model, summary = train(cfg, tf.distribute.get_strategy(), str(tmp_path / "run"), verbose=0)
+    assert summary["final_step"] == 3 and summary["stopped_on_nan"] is None
+    assert all(np.isfinite(v) for v in summary["final_logs"].values())
+    labels = json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert len(labels) == 80 and labels[0]["name"] == "person"

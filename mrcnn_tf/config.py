@@ -387,8 +387,10 @@ class TrainConfig:
     decay_rate: float = opt(0.1, "step decay factor (references)", min=0.0, max=1.0)
     clip_norm: float | None = opt(None, "global gradient norm clip; none in references", min=0.0,
                                   min_exclusive=True)
-    mixed_precision: str = opt("float32", "Keras dtype policy",
-                               choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    mixed_precision: str = opt("float32", "Keras dtype policy; auto: mixed_bfloat16 on a CPU"
+                               " that computes bfloat16 natively (avx512_bf16 or amx_bf16) and"
+                               " no GPU, float32 elsewhere",
+                               choices=("float32", "mixed_float16", "mixed_bfloat16", "auto"))
     jit_compile: bool = opt(False, "compile each training and evaluation step with XLA (needs"
                             " model.roi_align.impl=gather, model.nms_impl=static and"
                             " model.mask_head.static_rois=true; always on under --strategy"

@@ -79,6 +79,30 @@ def _is_tpu(strategy) -> bool:
     return isinstance(strategy, tf.distribute.TPUStrategy)
 
 
+def native_bfloat16_cpu(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The flag by which this CPU computes bfloat16 natively (``amx_bf16``, ``avx512_bf16``), or
+    None: another CPU, or no /proc/cpuinfo (not Linux). oneDNN runs bfloat16 convolutions and
+    matmuls natively on such CPUs; elsewhere it converts, and float32 is faster."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+
+
+def dtype_policy(mixed_precision: str) -> str:
+    """``train.mixed_precision`` as a Keras dtype policy name. ``auto``: ``mixed_bfloat16`` on a
+    CPU with native bfloat16 and no GPU (the shapes step takes about 0.7x float32's time on an
+    AVX512-BF16 EPYC), ``float32`` elsewhere."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if tf.config.list_physical_devices("GPU") or native_bfloat16_cpu() is None:
+        return "float32"
+    return "mixed_bfloat16"
+
+
 def is_chief() -> bool:
     """True unless TF_CONFIG names this process a non-chief worker."""
     cfg = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
@@ -254,10 +278,19 @@ def train(config: Config, strategy: tf.distribute.Strategy, model_dir: str,
     lock = rundir.RunLock(model_dir) if chief else None
     if lock:
         lock.acquire()
+    policy = dtype_policy(t.mixed_precision)
+    if t.mixed_precision == "auto":
+        logger.info("train.mixed_precision auto: %s (%s)", policy,
+                    f"this CPU computes bfloat16 natively: {native_bfloat16_cpu()}"
+                    if policy != "float32" else "a GPU, or no native bfloat16 on this CPU")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
     try:
         return _train(config, strategy, model_dir, chief, verbose, extra_callbacks,
                       final_weights, info)
     finally:
+        # The model keeps its policy; what is built afterwards (an export) is not mixed.
+        keras.mixed_precision.set_global_policy(previous)
         if lock:
             lock.release()
 
@@ -270,8 +303,6 @@ def _train(config, strategy, model_dir, chief, verbose, extra_callbacks, final_w
         logger.warning("norm=bn under %d replicas: each replica keeps its own batch statistics; "
                        "use sync_bn (or frozen_bn) for identical models on every replica",
                        replicas)
-    if t.mixed_precision != "float32":
-        keras.mixed_precision.set_global_policy(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)
     ckpt_dir = rundir.checkpoint_dir(model_dir)
     if chief:

@@ -171,6 +171,49 @@ def test_mixed_bfloat16_step():
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+    ("fpu avx2 avx512f amx_bf16 amx_tile avx512_bf16", "amx_bf16"),
+    ("fpu sse2 avx2 fma", None),  # an AVX2-only EPYC of earlier stops
+])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(tmp_path, monkeypatch,
+                                                                    flags, native):
+    from mrcnn_tf import training
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\n"
+                    f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert training.native_bfloat16_cpu(str(info)) == native
+    assert training.native_bfloat16_cpu(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(training, "native_bfloat16_cpu", lambda: native)
+    assert training.dtype_policy("auto") == ("mixed_bfloat16" if native else "float32")
+    for name in ("float32", "mixed_float16", "mixed_bfloat16"):
+        assert training.dtype_policy(name) == name
+
+
+def test_a_mixed_run_leaves_the_global_policy_and_exports_float32(tmp_path, monkeypatch):
+    """train() sets the run's policy only while it trains; train.py's export of a model trained
+    in bfloat16 is a float32 model with the same weights (TF Serving's CPU may have no bf16)."""
+    from mrcnn_tf import serving, training
+    from mrcnn_tf.cli.train import export_run
+
+    cfg = mrcnn_tf.load_config(SHAPES, SMALL + ["train.steps=2", "train.checkpoint_every=2",
+                                                "train.mixed_precision=auto"])
+    monkeypatch.setattr(training, "native_bfloat16_cpu", lambda: "avx512_bf16")
+    model, summary = training.train(cfg, tf.distribute.get_strategy(), str(tmp_path / "run"),
+                                    verbose=0)
+    assert summary["final_step"] == 2 and model.compute_dtype == "bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    exported = {}
+    monkeypatch.setattr(serving, "export_saved_model",
+                        lambda m, ids, names, path, **kw: exported.update(model=m, path=path))
+    export_run(model, cfg, str(tmp_path / "run"))
+    assert exported["model"].compute_dtype == "float32"
+    assert exported["path"] == str(tmp_path / "run" / "export" / "1")
+    for a, b in zip(model.weights, exported["model"].weights, strict=True):
+        assert a.path == b.path and np.array_equal(a.numpy(), b.numpy())
+
+
 def test_stop_on_nan_has_a_clear_message(capsys):
     cfg, model = _model()
     kernel = model.box_head.class_logits.kernel

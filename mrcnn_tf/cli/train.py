@@ -56,10 +56,15 @@ def parse_args(argv=None):
 
 
 def export_run(model, config, model_dir: str) -> str:
-    """Exports the trained model for TF Serving into MODEL_DIR/export/N (the next version)."""
+    """Exports the trained model for TF Serving into MODEL_DIR/export/N (the next version), in
+    float32 also when it trained under a mixed policy (the server's CPU may have no bfloat16)."""
+    from mrcnn_tf.model import build_model
     from mrcnn_tf.rundir import read_labels
     from mrcnn_tf.serving import export_saved_model, next_version, serving_options
 
+    if model.compute_dtype != "float32":
+        trained, model = model, build_model(config)
+        model.set_weights(trained.get_weights())
     base = os.path.join(model_dir, "export")
     path = os.path.join(base, str(next_version(base)))
     ids, names = read_labels(model_dir)

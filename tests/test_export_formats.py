@@ -32,7 +32,8 @@ def run_dir(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("mask_output", ["full", pytest.param("box", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_output", ["full", "box"])
 def test_onnx_model_gives_torchvision_detections(run_dir, tmp_path, mask_output):
     out = tmp_path / "export"
     subprocess.run([sys.executable, "export/export_saved_model.py", "--model_dir", str(run_dir),
@@ -69,6 +70,7 @@ def test_png_masks_are_refused_for_onnx(run_dir, tmp_path):
     assert done.returncode == 2 and "mask_output must be box or full; got 'png'" in done.stderr
 
 
+@pytest.mark.slow
 def test_litert_model_has_builtin_ops_only_and_gives_torchvision_detections(run_dir, tmp_path):
     """--format litert: builtin ops only (the converter is told to refuse others), run by
     ai-edge-litert's interpreter at the fixture photo's fixed size; the box masks pasted as the

@@ -253,6 +253,7 @@ def test_summary_lists_every_part_with_its_parameters(shapes_model):
         assert layer.compute_output_shape(**layer._build_shapes_dict) is not None, layer.name
 
 
+@pytest.mark.slow
 def test_keras_file_resumes_training_at_its_step(tmp_path):
     """A .keras file keeps the compile config and the optimiser state: loaded, it continues at
     the saved step with the same learning rate and momentum."""
@@ -275,6 +276,7 @@ def test_keras_file_resumes_training_at_its_step(tmp_path):
     assert int(loaded.optimizer.iterations.numpy()) == 4
 
 
+@pytest.mark.slow
 def test_keras_export_needs_no_arguments_and_serves_like_our_signature(shapes_model, tmp_path):
     from mrcnn_tf.serving import export_saved_model
 

@@ -31,6 +31,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["model_dir", "saved_model"])
 def test_predict_cli_on_a_real_image(shared_data, run_dir, tmp_path, source):
     from pycocotools.coco import COCO
@@ -68,6 +69,7 @@ def _predict(*args):
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+@pytest.mark.slow
 def test_folders_globs_and_same_names(shared_data, run_dir, tmp_path):
     """Directories (recursive), quoted globs and files; two images called 1.jpg in different
     folders; overlays keep their relative paths, every image gets its own id, and batches of

@@ -73,6 +73,7 @@ def _keras_reference(model, image):
     return det, full
 
 
+@pytest.mark.slow
 def test_every_signature_matches_the_keras_model(exported, tmp_path):
     model, export_dir, _ = exported
     rng = np.random.default_rng(0)
@@ -316,6 +317,7 @@ def test_rest_request_bodies(exported):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_saved_model_cli(exported, tmp_path):
     _, export_dir, _ = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -342,6 +344,7 @@ def test_label_map_asset_and_versioned_layout(exported):
     assert sorted(os.listdir(root / "export")) == ["1"]
 
 
+@pytest.mark.slow
 def test_box_mask_output(exported, tmp_path):
     from mrcnn_tf.serving import export_saved_model
 
@@ -368,6 +371,7 @@ def test_box_mask_output(exported, tmp_path):
         export_saved_model(model, IDS, NAMES, str(tmp_path / "bad2"), max_detections=21)
 
 
+@pytest.mark.slow
 def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tmp_path,
                                                             shared_data):
     """A run whose config sets export.mask_output=png, export.max_detections=5 and

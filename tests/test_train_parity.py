@@ -19,6 +19,7 @@ from tests.scripts import torchvision_train_parity as tp
 FIXTURE = str(tp.SMALL_FIXTURE)
 
 
+@pytest.mark.slow
 def test_training_path_equals_torchvision():
     r = tp.check(FIXTURE)
     print(json.dumps({k: v for k, v in r.items() if "counts" not in k}, indent=1))

@@ -41,6 +41,7 @@ def test_fit_logs_every_loss_and_the_learning_rate():
     assert all(np.isfinite(v[-1]) for v in hist.history.values())
 
 
+@pytest.mark.slow
 def test_every_head_changes_after_20_steps():
     cfg, model = _model()
     parts = ("backbone", "fpn", "rpn_head", "box_head", "mask_head")
@@ -55,6 +56,7 @@ def test_every_head_changes_after_20_steps():
             assert not np.array_equal(before[p][i], after[i]), (p, i)
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_batch():
     # At 0.01 the loss falls to about 0.37x in 40 steps; at 0.02 it oscillates (0.32x, then
     # 0.5x), so the end point depends on float summation order.
@@ -235,6 +237,7 @@ def _run_train(model_dir, steps, extra=(), timeout=300, options=()):
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
+@pytest.mark.slow
 def test_kill_during_training_then_resume(tmp_path):
     """A run of a non-default model is killed; meanwhile a second run on its directory is
     refused, naming the first; the resume, without the run's --set, rebuilds the run's own
@@ -296,6 +299,7 @@ def _strict_json(path):
         return json.loads(f.read(), parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_nan_is_never_checkpointed_and_resume_starts_from_the_last_finite(tmp_path):
     """The issue's repro: lr 1e5 from step 0, a checkpoint every step. The run stops with exit
     code 3, no checkpoint holds a non-finite value, summary.json is strict JSON, and resuming
@@ -376,6 +380,7 @@ def test_training_on_no_usable_image_is_an_error_naming_the_file(tmp_path):
     assert not (model_dir / "checkpoints" / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_names_the_directory_and_keeps_earlier_checkpoints(tmp_path):
     """model_dir on a 24 MB tmpfs: the first checkpoint fits, the second does not. The run
     stops with a message naming the directory, and the first checkpoint is intact."""
@@ -403,6 +408,7 @@ def test_train_py_rejects_bad_config_keys(tmp_path):
     assert "unknown key 'train.stepz'" in res.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device():
     # Same global batch, every anchor and RoI sampled: the only differences are float32
     # summation orders (per-replica partial sums, then an all-reduce), about 1e-7 relative per
@@ -419,6 +425,7 @@ def test_mirrored_strategy_matches_single_device():
     assert out["loss_single"] == pytest.approx(out["loss_mirrored"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_identical_weights(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "multi_worker.py"),
                           str(tmp_path), "4"], capture_output=True, text=True, timeout=660,
@@ -457,6 +464,7 @@ def _event_tags(folder: str) -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 def test_train_and_eval_under_mirrored_then_eval_mode(tmp_path):
     # The main job's flow at toy size, under MirroredStrategy over 2 logical CPUs: evaluation
     # during fit (metrics.json, TensorBoard), prediction PNGs, the exported SavedModel; then
@@ -553,6 +561,7 @@ def test_init_from_refuses_other_architectures_by_weight(tmp_path):
         load_initial_weights(wider, str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", ["other", "coco"])
 def test_fine_tune_converted_torchvision_model(tmp_path, shared_data, classes):
     """The README's paths: convert torchvision's COCO model (its reduced-width fixture here),
@@ -646,6 +655,7 @@ def test_grouped_batch_losses_combine_single_image_losses(shared_data):
         assert both[k] == pytest.approx(combined, rel=1e-5), k
 
 
+@pytest.mark.slow
 def test_fit_traces_once_per_canvas(shared_data, caplog):
     """model.fit over batches of several canvases (the shapes-sized model on coco_tiny16's
     photos, short side 96, long side <= 128): one trace of the training step per canvas shape
@@ -774,6 +784,7 @@ def test_a_class_above_num_classes_from_a_users_pipeline_is_refused_before_the_s
     assert int(model.optimizer.iterations) == 0
 
 
+@pytest.mark.slow
 def test_coco_ap_in_fit_history_for_keras_callbacks(tmp_path):
     """CocoMetricCallback puts COCO box and mask AP into each epoch's logs, so that History,
     EarlyStopping and ModelCheckpoint(save_best_only) after it see them; its numbers are

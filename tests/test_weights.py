@@ -195,6 +195,7 @@ def test_unreadable_files_are_named(tmp_path):
         read_state_dict(str(bad))
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, state_npz,
                                                                          tmp_path):
     from mrcnn_tf.predict import load_model_dir
@@ -250,6 +251,7 @@ def test_converted_run_evaluates_in_torchvision_label_space(state_npz, tmp_path,
     assert 0.0 <= results["bbox"]["AP"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_exported_converted_model_serves_torchvision_detections(version, tmp_path):
     """convert -> export -> load the SavedModel: the served detections and full-size masks are

@@ -179,6 +179,7 @@ def test_convert_finds_detectron2_and_its_labels(state, model_zoo_pkl, tmp_path)
     assert config["roi_align"]["sampling_ratio"] == 0 and config["backbone"]["stride_in_1x1"]
 
 
+@pytest.mark.slow
 def test_exported_converted_model_serves_detectron2_detections(model_zoo_pkl, tmp_path):
     """convert (.pkl) -> export -> load the SavedModel: the served detections and full-size
     masks are detectron2's, its classes reported as COCO category ids."""

@@ -51,6 +51,7 @@ def _photos(shared_data, sizes):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resize", [pytest.param("square", marks=pytest.mark.slow), "short_long"])
 def test_xla_inference_gives_the_graph_detections(shared_data, resize):
     """``tf.function(jit_compile=True)`` of the model on real photos of two shapes (a portrait,

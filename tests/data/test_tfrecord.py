@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn_tf.data import build_dataset
@@ -35,6 +36,7 @@ def test_example_schema_and_parse():
     assert int(out["image_id"]) == 123
 
 
+@pytest.mark.slow
 def test_converter_cli_and_round_trip_equal_the_json_path(shared_data, tmp_path):
     ann_file = str(shared_data / "coco_tiny16" / "instances_train2017.json")
     image_dir = str(shared_data / "coco_tiny16" / "train2017")

@@ -42,7 +42,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "coco128"
+# The real photos: ../shared/data beside the repository, or $MRCNN_SHARED_DATA (as the tests).
+DATA = pathlib.Path(os.environ.get("MRCNN_SHARED_DATA",
+                                   REPO.parent / "shared" / "data")) / "coco128"
 
 
 def _rss_mb() -> float:
@@ -186,6 +188,9 @@ def request_kinds(data_dir: pathlib.Path, good_count: int = 6):
     from PIL import Image
 
     paths = sorted(data_dir.rglob("*.jpg"))[:good_count]
+    if not paths:
+        sys.exit(f"error: no .jpg photos under {data_dir}: set MRCNN_SHARED_DATA to the folder "
+                 "that holds coco128")
     goods = []
     for k, p in enumerate(paths):
         image = np.asarray(Image.open(p).convert("RGB"))

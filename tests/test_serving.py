@@ -18,6 +18,10 @@ from mrcnn_tf.data.tfrecord import make_example
 from mrcnn_tf.rundir import write_config, write_labels
 from tests.conftest import REPO
 
+# Each test serves a SavedModel exported in a process (export/export_saved_model.py): the slow
+# tier. The fast tier checks the signatures' decoding and limits in test_serving_inputs.py.
+pytestmark = pytest.mark.slow
+
 SHAPES = str(REPO / "configs" / "shapes.yaml")
 IDS, NAMES = [11, 12, 13], ["square", "circle", "triangle"]
 
@@ -73,7 +77,6 @@ def _keras_reference(model, image):
     return det, full
 
 
-@pytest.mark.slow
 def test_every_signature_matches_the_keras_model(exported, tmp_path):
     model, export_dir, _ = exported
     rng = np.random.default_rng(0)
@@ -317,7 +320,6 @@ def test_rest_request_bodies(exported):
                                atol=1e-6)
 
 
-@pytest.mark.slow
 def test_saved_model_cli(exported, tmp_path):
     _, export_dir, _ = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -344,7 +346,6 @@ def test_label_map_asset_and_versioned_layout(exported):
     assert sorted(os.listdir(root / "export")) == ["1"]
 
 
-@pytest.mark.slow
 def test_box_mask_output(exported, tmp_path):
     from mrcnn_tf.serving import export_saved_model
 
@@ -371,7 +372,6 @@ def test_box_mask_output(exported, tmp_path):
         export_saved_model(model, IDS, NAMES, str(tmp_path / "bad2"), max_detections=21)
 
 
-@pytest.mark.slow
 def test_png_masks_and_the_export_section_of_the_run_config(exported, served, tmp_path,
                                                             shared_data):
     """A run whose config sets export.mask_output=png, export.max_detections=5 and

@@ -26,7 +26,8 @@ def test_rest_server_under_mixed_load(tmp_path, shared_data):
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving_rest.py"), "load",
                           "--export_dir", export_dir, "--clients", "4", "--requests", "200",
                           "--out", str(out)], capture_output=True, text=True, timeout=1200,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                                  MRCNN_SHARED_DATA=str(shared_data)))
     assert out.exists(), res.stderr[-3000:]
     result = json.loads(out.read_text())
     print(json.dumps(result["latency_seconds"]), result["rss_growth"])

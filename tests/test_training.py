@@ -129,7 +129,8 @@ def test_schedule_warmup_and_steps():
     np.testing.assert_allclose(got, [2e-5, 0.010010, 0.02, 0.002, 2e-4], rtol=1e-4)
 
 
-@pytest.mark.parametrize("params", ["all", "no_norm", "kernels"])
+@pytest.mark.parametrize("params", [pytest.param("all", marks=pytest.mark.slow), "no_norm",
+                                    pytest.param("kernels", marks=pytest.mark.slow)])
 def test_weight_decay_params_and_lr_scaling(params):
     # First SGD step (momentum buffers empty): update = lr * (grad + wd * w) for the decayed
     # variables and lr * grad elsewhere. Two models with the same weights and the same random

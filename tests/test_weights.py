@@ -232,6 +232,7 @@ def test_convert_cli_writes_a_run_directory_that_predicts_like_the_model(state, 
     assert a["masks"].shape == (n, *image.shape[:2])
 
 
+@pytest.mark.slow
 def test_converted_run_evaluates_in_torchvision_label_space(state_npz, tmp_path, shared_data):
     """A converted model predicts torchvision's 91-label space (class i = COCO id i), not the
     annotation file's 80 contiguous classes: evaluation must use the run's labels.json."""
@@ -341,6 +342,7 @@ def test_backbone_weights_that_do_not_fit_are_refused_by_key(state, tmp_path):
         load_backbone_weights(build_model(gn), str(good))
 
 
+@pytest.mark.slow
 def test_keras_applications_backbone_weights_take_rgb_images(tmp_path):
     """Keras Applications' ResNet-50 .h5 through model.backbone.weights: the config must use
     Keras' caffe preprocessing (refused otherwise, naming the keys), and our backbone on an RGB

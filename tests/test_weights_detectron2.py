@@ -153,6 +153,7 @@ def test_wrong_class_count_names_the_layer_and_the_fix(state):
         load_detectron2(build_model(config), state)
 
 
+@pytest.mark.slow
 def test_convert_finds_detectron2_and_its_labels(state, model_zoo_pkl, tmp_path):
     from mrcnn_tf.tools.convert import inspect
 

@@ -55,13 +55,14 @@ def main() -> int:
     if args.coco128:
         c = os.path.abspath(args.coco128)
         overrides += [f"data.train.annotation_file={c}/annotations/instances_train2017.json",
-                      f"data.train.image_dir={c}/train2017",
-                      f"data.eval.annotation_file={c}/annotations/instances_train2017.json",
-                      f"data.eval.image_dir={c}/train2017"]
+                      f"data.train.image_dir={c}/train2017"]
     if args.eval_tiny16:
         t = os.path.abspath(args.eval_tiny16)
         overrides += [f"data.eval.annotation_file={t}/instances_train2017.json",
                       f"data.eval.image_dir={t}/train2017"]
+    elif args.coco128:  # the training photos themselves
+        overrides += [f"data.eval.annotation_file={c}/annotations/instances_train2017.json",
+                      f"data.eval.image_dir={c}/train2017"]
     overrides += args.set
     model_dir = args.model_dir or tempfile.mkdtemp(prefix="train_run_")
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model_dir", model_dir]

@@ -92,7 +92,8 @@ class MaskRCNN(keras.Model):
         anchors = self.anchors(features, dims(pre["images"])[1:3])
         proposals = self.proposal_generator(rpn["objectness"], rpn["deltas"], anchors,
                                             pre["image_sizes"], training=training)
-        box = self.box_head(self.box_roi_align(features, proposals["boxes"]), training=training)
+        box = self.box_head(self.box_roi_align(features, proposals["boxes"]), training=training,
+                            valid=proposals["valid"])
         detections = self.detection_generator(box["class_logits"], box["box_deltas"],
                                               proposals["boxes"], proposals["valid"],
                                               pre["image_sizes"])
@@ -128,9 +129,10 @@ class MaskRCNN(keras.Model):
                                             pre["image_sizes"], training=True)
         rois = self.targets.rois(proposals["boxes"], proposals["valid"], gt_boxes, gt_classes,
                                  gt_valid)
-        box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training)
+        box = self.box_head(self.box_roi_align(features, rois["boxes"]), training=training,
+                            valid=rois["valid"])
         mask_logits = self.mask_head(self.mask_roi_align(features, rois["fg"]["boxes"]),
-                                     training=training)
+                                     training=training, valid=rois["fg"]["foreground"])
         mask_targets = self.targets.masks(targets["gt_masks"], gt_boxes, rois["fg"]["boxes"],
                                           rois["fg"]["matched"], pre["image_sizes"],
                                           mask_logits.shape[2])
@@ -160,15 +162,16 @@ class MaskRCNN(keras.Model):
 
     def predict_masks(self, features, detections, training=False):
         """Mask probabilities [B, D, 28, 28] for each detection's class."""
+        real = tf.range(tf.shape(detections["detection_boxes"])[1])[None, :] < (
+            detections["num_detections"][:, None])
         logits = self.mask_head(self.mask_roi_align(features, detections["detection_boxes"]),
-                                training=training)
+                                training=training, valid=real)
         if logits.shape[-1] == 1:
             picked = logits[..., 0]
         else:
             classes = tf.cast(detections["detection_classes"], tf.int32)
             picked = tf.gather(tf.transpose(logits, [0, 1, 4, 2, 3]), classes[..., None],
                                batch_dims=2)[:, :, 0]
-        real = tf.range(tf.shape(picked)[1])[None, :] < detections["num_detections"][:, None]
         return tf.where(real[..., None, None], tf.sigmoid(tf.cast(picked, tf.float32)), 0.0)
 
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from mrcnn_tf.layers.norm import make_norm
+from mrcnn_tf.layers.norm import BatchNormalization, make_norm
 
 # detectron2's inits: c2_xavier_fill for fc, c2_msra_fill for convs, small normals for predictors.
 _FC_INIT = dict(scale=1.0, mode="fan_in", distribution="uniform")
@@ -27,6 +27,16 @@ def _merge_rois(x):
     """[B, R, S, S, C] -> ([B * R, S, S, C], (B, R))."""
     shape = tf.shape(x)
     return tf.reshape(x, tf.concat([[-1], shape[2:]], 0)), (shape[0], shape[1])
+
+
+def _normalise(norm, x, training, valid):
+    """``norm`` on merged RoI rows; batch norm takes its training statistics over the rows whose
+    ``valid`` [B, R] is True (the RoIs the references' heads see), when given."""
+    if norm is None:
+        return x
+    if valid is not None and isinstance(norm, BatchNormalization):
+        return norm(x, training=training, valid_rows=tf.reshape(valid, [-1]))
+    return norm(x, training=training)
 
 
 @keras.saving.register_keras_serializable(package="mrcnn_tf")
@@ -84,11 +94,12 @@ class BoxHead(keras.layers.Layer):
         self.class_logits.build((None, width))
         self.box_deltas.build((None, width))
 
-    def call(self, roi_features, training=None):
+    def call(self, roi_features, training=None, valid=None):
+        """``valid`` [B, R] bool: which RoIs are real (the rest are padding), for the batch
+        statistics of ``norm="bn"``/``"sync_bn"`` in training."""
         x, (b, r) = _merge_rois(roi_features)
         for conv, norm in zip(self.convs, self.conv_norms):
-            x = conv(x)
-            x = tf.nn.relu(x if norm is None else norm(x, training=training))
+            x = tf.nn.relu(_normalise(norm, conv(x), training, valid))
         shape = tf.shape(x)
         flat = x.shape[1] * x.shape[2] * x.shape[3] if None not in x.shape[1:] else (
             shape[1] * shape[2] * shape[3])
@@ -150,11 +161,11 @@ class MaskHead(keras.layers.Layer):
         self.deconv.build((None, s, s, c))
         self.predictor.build((None, 2 * s, 2 * s, self.conv_dim))
 
-    def call(self, roi_features, training=None):
+    def call(self, roi_features, training=None, valid=None):
+        """``valid`` [B, R] bool: which RoIs are real, as for :class:`BoxHead`."""
         x, (b, r) = _merge_rois(roi_features)
         for conv, norm in zip(self.convs, self.norms):
-            x = conv(x)
-            x = tf.nn.relu(x if norm is None else norm(x, training=training))
+            x = tf.nn.relu(_normalise(norm, conv(x), training, valid))
         x = tf.nn.relu(self.deconv(x))
         x = self.predictor(x)
         shape = tf.shape(x)

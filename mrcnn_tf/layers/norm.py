@@ -73,13 +73,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
     ``synchronized=True`` fall back to Keras. The one numerical difference: the moving variance
     is updated with the kernel's batch variance, which has Bessel's correction
     (n / (n - 1), n = B * H * W, as PyTorch and tf.keras do), where Keras 3 uses the biased one.
+    ``sync_bn`` is this class with ``synchronized=True``. In the RoI heads, ``valid_rows`` keeps
+    padded RoIs out of the batch statistics.
     """
 
     def _fusable(self, inputs):
         return (_fusable_input(inputs) and not self.synchronized and self.axis in (-1, 3)
                 and self.center and self.scale)
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, valid_rows=None):
+        """``valid_rows`` [N] bool, for [N, ...] inputs whose rows are RoIs: in training, the
+        batch statistics are taken over the valid rows only (padded or unsampled RoIs do not
+        enter them, as they do not exist in torchvision's or detectron2's heads); every row is
+        normalised with those statistics."""
+        if valid_rows is not None and training and self.trainable:
+            return self._masked_training(inputs, valid_rows)
         if not self._fusable(inputs):
             return super().call(inputs, training=training, mask=mask)
         if training and self.trainable:
@@ -96,6 +104,47 @@ class BatchNormalization(keras.layers.BatchNormalization):
                                 self.moving_variance, self.epsilon)
 
 
+    def _masked_training(self, inputs, valid_rows):
+        axis = self.axis % len(inputs.shape)
+        if axis != len(inputs.shape) - 1:
+            raise ValueError("BatchNormalization: valid_rows needs channels on the last axis")
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, dtype)
+        mean, variance, count = masked_moments(x, valid_rows, self.synchronized)
+        y = tf.nn.batch_normalization(x, mean, variance, tf.cast(self.beta, dtype),
+                                      tf.cast(self.gamma, dtype), self.epsilon)
+        stat = self.moving_mean.dtype
+        mean, variance, count = (tf.cast(v, stat) for v in (mean, variance, count))
+        # The moving statistics as the fused kernel (and PyTorch) keep them: the unbiased
+        # variance; left unchanged by a batch without a valid row.
+        m = tf.where(count > 0, tf.constant(self.momentum, stat), tf.constant(1.0, stat))
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        self.moving_mean.assign(self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m
+                                    + tf.stop_gradient(unbiased) * (1.0 - m))
+        return tf.cast(y, self.compute_dtype)
+
+
+def masked_moments(x, valid_rows, synchronized: bool = False):
+    """Mean and biased variance [C] of ``x`` [N, ..., C] over its valid rows (``valid_rows``
+    [N] bool) and every other axis but the last, and the element count they were taken over
+    (a float scalar). With ``synchronized``, over the valid rows of every replica (one
+    all-reduce per moment, as SyncBatchNorm). No valid row gives mean 0 and variance 0."""
+    w = tf.reshape(tf.cast(valid_rows, x.dtype), [-1] + [1] * (len(x.shape) - 1))
+    axes = list(range(len(x.shape) - 1))
+    per_row = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), x.dtype)
+    total = tf.reduce_sum(x * w, axes)
+    count = tf.reduce_sum(w) * per_row
+    ctx = tf.distribute.get_replica_context() if synchronized else None
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [total, count])
+    mean = total / tf.maximum(count, 1.0)
+    squares = tf.reduce_sum(tf.square(x - mean) * w, axes)
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        squares = ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares)
+    return mean, squares / tf.maximum(count, 1.0), count
+
+
 def make_norm(kind: str, name: str, groups: int = 32, epsilon: float = 1e-5):
     """A normalisation layer of the given kind, or None for ``"none"``.
 
@@ -106,8 +155,7 @@ def make_norm(kind: str, name: str, groups: int = 32, epsilon: float = 1e-5):
     if kind == "bn":
         return BatchNormalization(momentum=0.9, epsilon=epsilon, name=name)
     if kind == "sync_bn":
-        return keras.layers.BatchNormalization(momentum=0.9, epsilon=epsilon, synchronized=True,
-                                               name=name)
+        return BatchNormalization(momentum=0.9, epsilon=epsilon, synchronized=True, name=name)
     if kind == "group_norm":
         return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name)
     if kind == "none":

@@ -48,3 +48,31 @@ def test_mask_head_contract():
 def test_rejects_unknown_head_type():
     with pytest.raises(ValueError, match="head_type"):
         BoxHead(2, head_type="3fc")
+
+
+@pytest.mark.parametrize("head_cls, kw", [
+    (BoxHead, dict(num_classes=3, head_type="4conv1fc", fc_dim=16, conv_dim=8, norm="bn")),
+    (MaskHead, dict(num_classes=3, num_convs=2, conv_dim=8, norm="bn")),
+])
+def test_padded_rois_do_not_change_the_real_rois_in_training(head_cls, kw):
+    """With batch norm in training, the outputs of real RoIs (``valid``) do not depend on the
+    padded rows beside them: torchvision v2's heads normalise over the sampled RoIs only."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 7, 7, 8)).astype(np.float32)
+    valid = np.array([[True, True, False, False], [True, True, True, False]])
+    head = head_cls(**kw)
+    outs = []
+    for fill in (0.0, 1e3):
+        padded = np.where(valid[..., None, None, None], x, fill).astype(np.float32)
+        out = head(padded, training=True, valid=tf.constant(valid))
+        outs.append(out if isinstance(out, dict) else {"masks": out})
+    for key in outs[0]:
+        np.testing.assert_allclose(outs[0][key].numpy()[valid], outs[1][key].numpy()[valid],
+                                   rtol=1e-4, atol=1e-5)
+    # Without ``valid`` the padding enters the statistics and changes them.
+    a = head(np.where(valid[..., None, None, None], x, 0.0).astype(np.float32), training=True)
+    b = head(np.where(valid[..., None, None, None], x, 1e3).astype(np.float32), training=True)
+    a, b = (v if isinstance(v, dict) else {"masks": v} for v in (a, b))
+    key = next(iter(a))
+    real_a, real_b = a[key].numpy()[valid], b[key].numpy()[valid]
+    assert np.abs(real_a - real_b).max() > 0.1 * np.abs(real_a).max()

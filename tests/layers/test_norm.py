@@ -105,3 +105,123 @@ def test_fused_batch_norm_equals_keras_batch_norm():
     np.testing.assert_allclose(ours.moving_variance.numpy(), expected, rtol=1e-4)
     # The fused layer round-trips through its config like any Keras layer.
     assert isinstance(BatchNormalization.from_config(ours.get_config()), BatchNormalization)
+
+
+def _rows(seed: int, n: int = 6, c: int = 5):
+    """[n, 3, 3, c] RoI-like rows, the padded ones (``valid`` False) full of large values."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, 3, c)).astype(np.float32) * 2 + 1
+    valid = rng.random(n) < 0.6
+    valid[0] = True
+    x[~valid] = rng.normal(size=(int((~valid).sum()), 3, 3, c)) * 100 + 50
+    return x, valid
+
+
+@pytest.mark.parametrize("kind", ["bn", "sync_bn"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_norm_over_valid_rows_is_batch_norm_of_those_rows(kind, seed):
+    """Training with ``valid_rows``: the valid rows' outputs, every gradient and the moving
+    statistics equal those of the same layer run on the valid rows alone (what torchvision's and
+    detectron2's heads see: padded RoIs do not exist there); padded rows receive no gradient."""
+    x, valid = _rows(seed)
+    masked, alone = make_norm(kind, "a"), make_norm(kind, "b")
+    for layer in (masked, alone):
+        layer.build(x.shape)
+    rng = np.random.default_rng(seed + 10)
+    for a, b in zip(masked.weights, alone.weights):
+        a.assign(rng.uniform(0.5, 1.5, a.shape).astype(np.float32))
+        b.assign(a)
+    var0 = masked.moving_variance.numpy().copy()
+    weights = rng.normal(size=x.shape[1:]).astype(np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        y = masked(xt, training=True, valid_rows=tf.constant(valid))
+        loss = tf.reduce_sum(tf.boolean_mask(y, valid) * weights)
+        sub = tf.boolean_mask(xt, valid)
+        y_alone = alone(sub, training=True)
+        loss_alone = tf.reduce_sum(y_alone * weights)
+    np.testing.assert_allclose(tf.boolean_mask(y, valid).numpy(), y_alone.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    gx, gg, gb = tape.gradient(loss, [xt, masked.gamma, masked.beta])
+    gx_alone, gg_alone, gb_alone = tape.gradient(loss_alone, [sub, alone.gamma, alone.beta])
+    np.testing.assert_allclose(gx.numpy()[valid], gx_alone.numpy(), rtol=1e-3, atol=1e-4)
+    assert not gx.numpy()[~valid].any()
+    np.testing.assert_allclose(gg.numpy(), gg_alone.numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(gb.numpy(), gb_alone.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(masked.moving_mean.numpy(), alone.moving_mean.numpy(), rtol=1e-5)
+    # The moving variance takes the unbiased batch variance, as PyTorch's BatchNorm2d does.
+    v = x[valid].reshape(-1, x.shape[-1]).var(0, ddof=1)
+    np.testing.assert_allclose(masked.moving_variance.numpy(), 0.9 * var0 + 0.1 * v, rtol=1e-4)
+
+
+def test_batch_norm_without_a_valid_row_keeps_its_statistics_and_stays_finite():
+    x, _ = _rows(3)
+    layer = make_norm("bn", "n")
+    layer.build(x.shape)
+    mean, var = layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True, valid_rows=tf.zeros([len(x)], tf.bool))
+        loss = tf.reduce_sum(y * 0.0)
+    assert np.isfinite(y.numpy()).all() and np.isfinite(tape.gradient(loss, xt).numpy()).all()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), var)
+
+
+_REPLICAS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from mrcnn_tf.layers.norm import masked_moments
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+rng = np.random.default_rng(0)
+scale, shift = np.array([1.0, 3.0]), np.array([0.0, 2.0])
+x = rng.normal(size=(2, 5, 3, 3, 4)).astype(np.float32) * scale[:, None, None, None, None]
+x += shift[:, None, None, None, None]
+valid = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)
+out = {}
+for sync in (True, False):
+    def step(ctx_x, ctx_v):
+        return masked_moments(ctx_x, ctx_v, synchronized=sync)
+    values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (tf.constant(x[ctx.replica_id_in_sync_group]),
+                     tf.constant(valid[ctx.replica_id_in_sync_group])))
+    res = strategy.run(step, args=values)
+    out[str(sync)] = [[r.numpy().tolist() for r in strategy.experimental_local_results(v)]
+                      for v in res]
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_masked_statistics_span_the_replicas_with_sync_bn_and_not_with_bn():
+    """Under MirroredStrategy on two replicas: sync_bn's statistics are those of the valid rows
+    of both replicas together (SyncBatchNorm), bn's those of each replica's own valid rows."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _REPLICAS], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 3, 4)).astype(np.float32) * np.array([1.0, 3.0])[:, None, None,
+                                                                         None, None]
+    x += np.array([0.0, 2.0])[:, None, None, None, None]
+    valid = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)
+    union = np.concatenate([x[0][valid[0]], x[1][valid[1]]]).reshape(-1, 4)
+    for replica in range(2):
+        mean, var, count = (np.array(v[replica]) for v in out["True"])
+        np.testing.assert_allclose(mean, union.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
+        assert count == len(union)
+        own = x[replica][valid[replica]].reshape(-1, 4)
+        mean, var, count = (np.array(v[replica]) for v in out["False"])
+        np.testing.assert_allclose(mean, own.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, own.var(0), rtol=1e-4)
+        assert count == len(own)

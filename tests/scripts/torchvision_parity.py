@@ -46,7 +46,10 @@ BOX_ROWS = 256
 
 # -- the torch half -----------------------------------------------------------------------------
 
-def _torch_model(small: bool, v2: bool = False):
+def _torch_model(small: bool, v2: bool = False, frozen_backbone: bool | None = None):
+    """torchvision's Mask R-CNN (v1 or v2, full or reduced width). ``frozen_backbone``: the
+    backbone's norms are FrozenBatchNorm2d (v1's default) or BatchNorm2d (v2's default, as
+    ``maskrcnn_resnet50_fpn_v2`` builds it with or without pretrained weights)."""
     from torch import nn
     from torchvision.models import resnet50
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
@@ -62,10 +65,14 @@ def _torch_model(small: bool, v2: bool = False):
     from torchvision.ops import FrozenBatchNorm2d
 
     common = dict(box_score_thresh=0.0)
+    frozen = (not v2) if frozen_backbone is None else frozen_backbone
     if not small and v2:
         # BatchNorm2d everywhere (v2 never freezes its norms); eval mode uses the statistics.
-        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91,
-                                        **FULL, **common)
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91,
+                                         **FULL, **common)
+        if frozen:  # the same model with the backbone's BatchNorm2d frozen, names unchanged
+            _freeze_norms(model.backbone.body, FrozenBatchNorm2d, nn.BatchNorm2d)
+        return model
     if not small:
         # maskrcnn_resnet50_fpn(weights=COCO) builds exactly this (FrozenBatchNorm2d, 3 layers
         # trainable); weights=None would switch to BatchNorm2d.
@@ -73,7 +80,7 @@ def _torch_model(small: bool, v2: bool = False):
         return MaskRCNN(backbone, num_classes=91, **FULL, **common)
 
     s = SMALL
-    norm = nn.BatchNorm2d if v2 else FrozenBatchNorm2d
+    norm = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
 
     class SmallResNet(nn.Module):  # torchvision's ResNet layout and names, narrower
         def __init__(self):
@@ -110,6 +117,16 @@ def _torch_model(small: bool, v2: bool = False):
         box_predictor=FastRCNNPredictor(s["fc"], 91),
         mask_head=MaskRCNNHeads(f, (f, f, f, f), 1),
         mask_predictor=MaskRCNNPredictor(f, f, 91), **common)
+
+
+def _freeze_norms(module, frozen_cls, bn_cls) -> None:
+    """Replaces every ``bn_cls`` child of ``module`` (recursively) by ``frozen_cls`` of the same
+    width and epsilon (its statistics are loaded afterwards)."""
+    for name, child in module.named_children():
+        if isinstance(child, bn_cls):
+            setattr(module, name, frozen_cls(child.num_features, eps=child.eps))
+        else:
+            _freeze_norms(child, frozen_cls, bn_cls)
 
 
 def _randomise(model, seed: int, backbone: str = "body", deconv: str = "conv5_mask",

@@ -1,6 +1,14 @@
-"""Training-path parity with torchvision's maskrcnn_resnet50_fpn (v1) in training mode: the five
-losses, the gradient of every trainable parameter, the sampled counts, and two optimiser steps of
-torchvision's reference recipe (references/detection/train.py).
+"""Training-path parity with torchvision's maskrcnn_resnet50_fpn (v1) or, with ``--v2``,
+maskrcnn_resnet50_fpn_v2 in training mode: the five losses, the gradient of every trainable
+parameter, the sampled counts, and two optimiser steps of torchvision's reference recipe
+(references/detection/train.py).
+
+v2 is built as it is fine-tuned from our config: FrozenBatchNorm2d in the backbone (conv1 and
+layer1 frozen), BatchNorm2d on batch statistics in the FPN and the heads. Its reference also
+holds the gradients and buffers of a float64 copy (batch norm's backward amplifies float32
+rounding; see TOLERANCES_V2), the heads in float64 on random RoI features, and the losses of the
+model in torchvision's own v2 layout (BatchNorm2d in the backbone too), to measure that
+difference.
 
 Three halves, because torch and TensorFlow live in different virtual environments:
 
@@ -23,7 +31,7 @@ reference is committed as tests/fixtures/torchvision_train_small.npz and checked
 tests/test_train_parity.py without torch. The full-size run is one command (about 10 minutes;
 it writes 0.5 GB to /tmp)::
 
-    python tests/scripts/torchvision_train_parity.py \
+    python tests/scripts/torchvision_train_parity.py [--v2] \
         --torch_python benchmarks/.venvs/torch/bin/python
 """
 
@@ -43,11 +51,19 @@ sys.path.insert(0, str(REPO))
 from tests.scripts import torchvision_parity as tp  # noqa: E402
 
 SMALL_FIXTURE = REPO / "tests" / "fixtures" / "torchvision_train_small.npz"
+SMALL_FIXTURE_V2 = REPO / "tests" / "fixtures" / "torchvision_v2_train_small.npz"
 DATA = REPO.parent / "shared" / "data" / "coco128"
 # Portrait, tall portrait, square, very wide (long side capped), 4:3 and 2:1 landscapes.
 IMAGES = ("000000000049.jpg", "000000000113.jpg", "000000000309.jpg", "000000000357.jpg",
           "000000000077.jpg", "000000000338.jpg")
 BATCH = (4, 0)  # the two-image batch of the gradient and update checks: landscape + portrait
+# v2's: square + very wide. On (4, 0) torchvision's float64 run keeps one proposal more than
+# ours at the second step (1924 against 1923 in the first image: a near-tie that the first
+# update's rounding decides), and one RoI more changes the second gradient of the heads and the
+# FPN by up to 1e-2; the check verifies that both sides keep the same RoI counts. (The 2:1
+# landscape + tall portrait batch pads to 1248 x 1344 at full size, whose eager gradient tape
+# with batch norm outgrew this machine's 24 GB.)
+BATCH_V2 = (2, 3)
 LR, MOMENTUM, WEIGHT_DECAY, WARMUP_FACTOR, WARMUP_ITERS = 0.02, 0.9, 1e-4, 0.001, 1000
 LOSS_NAMES = {"loss_objectness": "loss_rpn_objectness", "loss_rpn_box_reg": "loss_rpn_box",
               "loss_classifier": "loss_box_class", "loss_box_reg": "loss_box_reg",
@@ -104,22 +120,35 @@ class _Counting:
         return pos, neg
 
 
-def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> None:
+def _load_small(model, v2: bool) -> None:
+    """The inference fixture's weights (its state dict has no num_batches_tracked)."""
+    import torch
+
+    with np.load(tp.SMALL_FIXTURE_V2 if v2 else tp.SMALL_FIXTURE) as f:
+        missing, unexpected = model.load_state_dict(
+            {k[3:]: torch.from_numpy(f[k]) for k in f.files if k.startswith("sd/")},
+            strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (
+        missing, unexpected)
+
+
+def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0,
+              v2: bool = False) -> None:
     import torch
     import torch.nn.functional as F
     import torchvision
 
     torch.manual_seed(seed)
-    model = tp._torch_model(small)
+    # v2 as it is fine-tuned here: FrozenBatchNorm2d in the backbone (our config's frozen_bn),
+    # BatchNorm2d on batch statistics in the FPN and the heads.
+    model = tp._torch_model(small, v2, frozen_backbone=True)
     if small:
-        # The inference fixture's weights; conv1 and layer1 frozen as _resnet_fpn_extractor(3).
-        with np.load(tp.SMALL_FIXTURE) as f:
-            model.load_state_dict({k[3:]: torch.from_numpy(f[k]) for k in f.files
-                                   if k.startswith("sd/")})
-        for name, p in model.backbone.body.named_parameters():
-            p.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
+        _load_small(model, v2)
     else:
         tp._randomise(model, seed)
+    if small or v2:  # conv1 and layer1 frozen, as _resnet_fpn_extractor(trainable_layers=3)
+        for name, p in model.backbone.body.named_parameters():
+            p.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
     data = dict(np.load(inputs_path))
     canvases = data[f"canvases_{'small' if small else 'full'}"]
     out = {}
@@ -144,8 +173,9 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
         tp._calibrate(model, images[0])
         out.update({f"sd/{k}": v.numpy().copy() for k, v in model.state_dict().items()
                     if not k.endswith("num_batches_tracked")})
-    out["meta"] = np.array(json.dumps({"small": small, "seed": seed, "images": IMAGES,
-                                       "batch": BATCH, "torchvision": torchvision.__version__}))
+    out["meta"] = np.array(json.dumps({"small": small, "v2": v2, "seed": seed, "images": IMAGES,
+                                       "batch": BATCH_V2 if v2 else BATCH,
+                                       "torchvision": torchvision.__version__}))
     model.train()
 
     def transformed(idx):
@@ -176,6 +206,10 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
         out[f"canvas{i}"] = np.array(canvas)
         out[f"canvas_losses{i}"] = np.array([float(losses[k]) for k in LOSS_NAMES])
 
+    if v2:  # maskrcnn_resnet50_fpn_v2 as torchvision builds it: BatchNorm2d in the backbone too
+        out.update(_as_built_losses(model, small, images, targets))
+        out.update(_float64_heads(model, seed))
+
     # Per image, sampling on (256 anchors at 1:1, 512 RoIs at 25%): candidate and sampled counts.
     _sampling(model, 256, 0.5, 512, 0.25)
     rpn_counts, roi_counts = [], []
@@ -191,7 +225,10 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
 
     # One batch, sampling off: gradients, then two steps of the reference recipe.
     _sampling(model, OFF, 1.0, OFF, 1.0)
-    batch = list(BATCH)
+    batch = list(BATCH_V2 if v2 else BATCH)
+    if v2:
+        out.update(_float64_gradients(model, [images[i] for i in batch],
+                                      [targets[i] for i in batch]))
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD(list(params.values()), lr=LR, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
@@ -211,7 +248,7 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
         optimizer.step()
         schedule.step()
     out["lrs"] = np.array(lrs)
-    if not small:
+    if not small and not v2:
         out.update(_imagenet_reference(torch, torchvision, seed, transformed([0])[0]))
     # The update is stored as torch.optim.SGD defines it, in float64 from the first step's
     # buffer (gradient + decay), the second step's buffer and the learning rates: read back from
@@ -228,8 +265,125 @@ def reference(inputs_path: str, out_path: str, small: bool, seed: int = 0) -> No
         worst = max(worst, float((np.abs(applied - update) / (floor + 1e-3 * np.abs(update)))
                                  .max()))
     assert worst <= 1.0, f"torch's applied update differs from its formula ({worst})"
+    if v2:  # the float64 values become the reference; torch's float32 deviation is kept per key
+        for k in params:
+            for kind in ("grad", "buffer"):
+                exact = out.pop(f"{kind}64/{k}")
+                out[f"noise/{kind}/{k}"] = np.array(_rel(out[f"{kind}/{k}"], exact))
+                out[f"{kind}/{k}"] = exact.astype(np.float32)
     np.savez_compressed(out_path, **out)
     print(f"wrote {out_path} ({os.path.getsize(out_path) / 1e6:.1f} MB)")
+
+
+def _float64_gradients(model, images, targets) -> dict:
+    """The batch's first gradients and the momentum buffers after two steps of the recipe,
+    computed in float64 by a copy of ``model``: with batch norm in training mode (v2's FPN and
+    heads), torchvision's own float32 gradients of the lower layers are up to 1.6e-2 away from
+    them (batch norm's backward subtracts two means of the incoming gradient, and float32
+    rounding is large against what is left). The check measures both sides against these and
+    allows ours torchvision's own float32 deviation."""
+    import copy
+
+    import torch
+
+    exact = copy.deepcopy(model).double()
+    params = {k: p for k, p in exact.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(list(params.values()), lr=LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_FACTOR,
+                                                 total_iters=WARMUP_ITERS)
+    images = [im.double() for im in images]
+    targets = [{**t, "boxes": t["boxes"].double()} for t in targets]
+    out = {}
+    counts = []  # RoIs per image at each step: the proposals kept plus the ground truth
+    pool = exact.roi_heads.box_roi_pool
+    forward = pool.forward
+
+    def counting(features, proposals, image_shapes):
+        counts.append([len(p) for p in proposals])
+        return forward(features, proposals, image_shapes)
+
+    pool.forward = counting
+    for step in range(2):
+        optimizer.zero_grad()
+        losses = exact(images, [dict(t) for t in targets])
+        sum(losses.values()).backward()
+        if step == 0:
+            out.update({f"grad64/{k}": p.grad.numpy().copy() for k, p in params.items()})
+        optimizer.step()
+        schedule.step()
+    out.update({f"buffer64/{k}": optimizer.state[p]["momentum_buffer"].numpy().copy()
+                for k, p in params.items()})
+    out["rois_per_step"] = np.array(counts)
+    return out
+
+
+HEAD_ROWS = {"box": (32, 7), "mask": (8, 14)}  # RoIs and size of _float64_heads' inputs
+
+
+def _projection(name: str, shape, seed: int):
+    """The fixed random weights _float64_heads projects a head's outputs with (numpy's
+    generator, so that the check makes the same ones)."""
+    return np.random.default_rng([seed, len(name)]).normal(size=shape)
+
+
+def _float64_heads(model, seed: int) -> dict:
+    """v2's box head (4conv1fc) and mask head in training mode (BatchNorm2d on batch
+    statistics), in float64 on random RoI features: their outputs and the gradients of a fixed
+    random projection of the outputs with respect to the features and every head parameter.
+    The features are float32 values (so that both sides start from the same numbers); the
+    results are stored in float32 (relative rounding 6e-8)."""
+    import copy
+
+    import torch
+
+    heads = copy.deepcopy(model.roi_heads).double().train()
+    gen = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for name, (rows, size) in HEAD_ROWS.items():
+        channels = heads.box_head[0][0].in_channels
+        x = (torch.randn(rows, channels, size, size, generator=gen) * 2 + 0.5).float().double()
+        x.requires_grad_(True)
+        if name == "box":
+            y = heads.box_predictor(heads.box_head(x))
+            y = torch.cat([y[0], y[1]], 1)
+            params = {**dict(heads.box_head.named_parameters(prefix="roi_heads.box_head")),
+                      **dict(heads.box_predictor.named_parameters(
+                          prefix="roi_heads.box_predictor"))}
+        else:
+            y = heads.mask_predictor(heads.mask_head(x))
+            params = {**dict(heads.mask_head.named_parameters(prefix="roi_heads.mask_head")),
+                      **dict(heads.mask_predictor.named_parameters(
+                          prefix="roi_heads.mask_predictor"))}
+        w = torch.from_numpy(_projection(name, tuple(y.shape), seed))
+        heads.zero_grad()
+        (y * w).sum().backward()
+        f32 = {"input": x.detach().permute(0, 2, 3, 1), "output": y.detach(),
+               "input_grad": x.grad.permute(0, 2, 3, 1),
+               **{f"grad/{k}": p.grad for k, p in params.items()}}
+        out.update({f"heads64/{name}/{k}": v.numpy().astype(np.float32) for k, v in f32.items()})
+    return out
+
+
+def _as_built_losses(model, small: bool, images, targets) -> dict:
+    """The losses (sampling off) of the same weights in ``maskrcnn_resnet50_fpn_v2``'s own
+    layout, whose backbone norms are BatchNorm2d: in training mode they normalise with batch
+    statistics, those of the frozen conv1 and layer1 included. Measures what our frozen_bn
+    backbone changes against it (the README's "What is not equal")."""
+    import torch
+
+    built = tp._torch_model(small, True, frozen_backbone=False)
+    state = {k: v for k, v in model.state_dict().items()}
+    missing, unexpected = built.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    built.train()
+    _sampling(built, OFF, 1.0, OFF, 1.0)
+    out = {}
+    with torch.no_grad():
+        for i, (image, target) in enumerate(zip(images, targets)):
+            losses = built([image], [dict(target)])
+            out[f"as_built_losses{i}"] = np.array([float(losses[k]) for k in LOSS_NAMES])
+    return out
 
 
 def _on_canvas(model, image, target, canvases):
@@ -281,13 +435,12 @@ def _imagenet_reference(torch, torchvision, seed: int, pixels) -> dict:
 
 # -- the TensorFlow half ------------------------------------------------------------------------
 
-def our_config(small: bool, sampling: bool, overrides=()):
+def our_config(small: bool, sampling: bool, overrides=(), v2: bool = False):
     from mrcnn_tf.config import load_config
 
     off = [] if sampling else ["model.rpn.batch_size_per_image=null",
                                "model.box_head.batch_size_per_image=null"]
-    return load_config(REPO / "configs" / "torchvision_r50_fpn.yaml",
-                       tp.parity_overrides(small) + off + list(overrides))
+    return load_config(tp.CONFIGS[v2], tp.parity_overrides(small) + off + list(overrides))
 
 
 def _batch(ref: dict, idx, canvas=None) -> tuple:
@@ -319,62 +472,87 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _model(ref: dict, small: bool, sampling: bool, overrides=()):
+def _model(ref: dict, sampling: bool, overrides=()):
+    """Our model of the reference's family (torchvision v1/v2, detectron2) with its weights."""
     import keras
 
     from mrcnn_tf.model import build_model
     from mrcnn_tf.weights import load_torchvision
+    from mrcnn_tf.weights_detectron2 import load_detectron2
 
+    meta = json.loads(str(ref["meta"]))
+    small, v2 = meta["small"], meta.get("v2", False)
     keras.utils.set_random_seed(0)
-    model = build_model(our_config(small, sampling, overrides))
+    if meta.get("family") == "detectron2":
+        from tests.scripts import detectron2_parity, detectron2_train_parity
+
+        config = detectron2_train_parity.our_config(small, sampling, overrides, meta["rpn_all"])
+        fixture, load = detectron2_parity.SMALL_FIXTURE, load_detectron2
+    else:
+        config = our_config(small, sampling, overrides, v2)
+        fixture, load = (tp.SMALL_FIXTURE_V2 if v2 else tp.SMALL_FIXTURE), load_torchvision
+    model = build_model(config)
     if small:
-        with np.load(tp.SMALL_FIXTURE) as f:
+        with np.load(fixture) as f:
             state = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
     else:
         state = {k[3:]: v for k, v in ref.items() if k.startswith("sd/")}
-    load_torchvision(model, state)
+    load(model, state)
     return model
 
 
+def _mapping(model, ref: dict) -> dict:
+    """Our variable paths -> (the reference's parameter name, layout conversion)."""
+    from mrcnn_tf.weights import torchvision_mapping
+    from mrcnn_tf.weights_detectron2 import detectron2_mapping
+
+    family = json.loads(str(ref["meta"])).get("family")
+    mapping = detectron2_mapping if family == "detectron2" else torchvision_mapping
+    return {var.path: (key, convert) for key, var, convert in mapping(model)}
+
+
 def check(ref_path: str, overrides=(), losses_only: bool = False,
-          inputs_path: str | None = None) -> dict:
+          inputs_path: str | None = None, photos: int | None = None) -> dict:
     """Our training path on the reference's inputs; returns the measured differences.
 
     ``overrides`` change our config (tests use them to show that a recipe switch matters);
-    ``losses_only`` stops after the per-image losses. With ``inputs_path`` (the original photos),
-    also measures how our input pipeline's resizing differs from torchvision's transform."""
+    ``losses_only`` stops after the per-image losses, of the first ``photos`` photos if given.
+    With ``inputs_path`` (the original photos), also measures how our input pipeline's resizing
+    differs from torchvision's transform."""
     import tensorflow as tf
 
     from mrcnn_tf.model import LOSS_KEYS
-    from mrcnn_tf.weights import torchvision_mapping
 
     ref = dict(np.load(ref_path))
     meta = json.loads(str(ref["meta"]))
-    small, n_images = meta["small"], len(meta["images"])
-    r = {"images": [list(ref[f"image{i}"].shape[:2]) for i in range(n_images)]}
+    small, n_images, v2 = meta["small"], len(meta["images"]), meta.get("v2", False)
+    r = {"v2": v2, "images": [list(ref[f"image{i}"].shape[:2]) for i in range(n_images)]}
 
-    model = _model(ref, small, sampling=False, overrides=overrides)
+    model = _model(ref, sampling=False, overrides=overrides)
 
-    def loss_diffs(canvas: bool) -> dict:
-        rel = np.zeros((n_images, len(LOSS_KEYS)))
-        for i in range(n_images):
+    def loss_diffs(canvas: bool, reference: str) -> dict:
+        count = n_images if photos is None else photos
+        rel = np.zeros((count, len(LOSS_KEYS)))
+        for i in range(count):
             images, targets = _batch(ref, [i], ref[f"canvas{i}"] if canvas else None)
             losses = model.forward_train(tf.constant(images), targets, training=True)
             ours = np.array([float(losses[k]) for k in LOSS_KEYS])
-            theirs = ref[f"canvas_losses{i}" if canvas else f"losses{i}"]
+            theirs = ref[f"{reference}{i}"]
             rel[i] = np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-12)
         return {k: float(rel[:, j].max()) for j, k in enumerate(LOSS_KEYS)}
 
-    r["loss_rel_diff_max"] = loss_diffs(canvas=False)
+    r["loss_rel_diff_max"] = loss_diffs(False, "losses")
+    if "as_built_losses0" in ref:  # not a parity check: the size of a stated difference
+        r["as_built_loss_rel_diff_max"] = loss_diffs(False, "as_built_losses")
     if losses_only:
         return r
-    # The same images on the canvases our grouped pipeline puts them on (both sides padded so).
-    r["canvases"] = [ref[f"canvas{i}"].tolist() for i in range(n_images)]
-    r["canvas_loss_rel_diff_max"] = loss_diffs(canvas=True)
+    if "canvas0" in ref:  # on the canvases our grouped pipeline uses (both sides padded so)
+        r["canvases"] = [ref[f"canvas{i}"].tolist() for i in range(n_images)]
+        r["canvas_loss_rel_diff_max"] = loss_diffs(True, "canvas_losses")
 
     # Gradients of the two-image batch, parameter by parameter (torchvision's names).
     images, targets = _batch(ref, meta["batch"])
-    entries = {var.path: (key, convert) for key, var, convert in torchvision_mapping(model)}
+    entries = _mapping(model, ref)
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
         losses = model.forward_train(tf.constant(images), targets, training=True)
@@ -386,44 +564,57 @@ def check(ref_path: str, overrides=(), losses_only: bool = False,
     ref_keys = {k[5:] for k in ref if k.startswith("grad/")}
     keys = {entries[v.path][0] for v in variables}
     r["trainable"] = [len(keys), len(ref_keys), len(keys ^ ref_keys)]
-    grad_rel = {}
+    # v2's reference holds torchvision's float64 gradients and buffers, and torchvision's own
+    # float32 deviation from them (noise/...), the noise floor of each parameter.
+    grad_rel, noise = {}, {}
     for v, g in zip(variables, grads):
         key, convert = entries[v.path]
         grad_rel[key] = _rel(g.numpy(), convert(ref[f"grad/{key}"]))
-    worst = max(grad_rel, key=grad_rel.get)
-    r["grad_rel_diff_max"] = [worst, grad_rel[worst]]
+        noise[key] = float(ref.get(f"noise/grad/{key}", 0.0))
+    worst = max(grad_rel, key=lambda k: grad_rel[k] - 2 * noise[k])
+    r["grad_rel_diff_max"] = [worst, grad_rel[worst], noise[worst]]
     r["grad_rel_diff_median"] = float(np.median(list(grad_rel.values())))
 
     # Two optimiser steps of the recipe (our config: SGD 0.9, weight decay 1e-4 on every
     # parameter, warmup from 0.001 over 1000 steps, lr 0.02 at batch 16) on the same batch.
     model.compile()
     before = [v.numpy().copy() for v in variables]
-    lrs = []
+    lrs, rois = [], []
     for _ in range(2):
         lrs.append(float(model.optimizer.learning_rate))
+        if "rois_per_step" in ref:
+            _, t = model.forward_train(tf.constant(images), targets, training=True,
+                                       return_targets=True)
+            rois.append(t["rois"]["valid"].numpy().sum(1).tolist())
         model.train_step((tf.constant(images), targets))
+    if rois:  # the same RoIs at both steps, or the update comparison is not like for like
+        r["rois_per_step"] = [rois, ref["rois_per_step"].tolist()]
     r["lrs"] = [lrs, ref["lrs"].tolist()]
     opt = model.optimizer
-    buffer_rel, update_rel, floor = {}, {}, {}
+    buffer_rel, update_rel, floor, buf_noise = {}, {}, {}, {}
     lr0, lr1 = ref["lrs"]
+    decay = float(ref.get("weight_decay", WEIGHT_DECAY))  # the reference's solver's
     for v, b in zip(variables, before):
         key, convert = entries[v.path]
-        buf = convert(ref[f"buffer/{key}"])
+        buf, grad = convert(ref[f"buffer/{key}"]), convert(ref[f"grad/{key}"])
+        buf_noise[key] = float(ref.get(f"noise/buffer/{key}", 0.0))
         buffer_rel[key] = _rel(opt.momentum_buffers[opt._get_variable_index(v)].numpy(), buf)
         # torch.optim.SGD's two steps: w2 = w0 - lr0 (g0 + wd w0) - lr1 buf1, in float64.
         w0 = b.astype(np.float64)
-        ref_update = -lr0 * (convert(ref[f"grad/{key}"]) + WEIGHT_DECAY * w0) - lr1 * buf
+        ref_update = -lr0 * (grad + decay * w0) - lr1 * buf
         update_rel[key] = _rel(v.numpy() - w0, ref_update)
         # Our update read back from float32 weights carries their rounding, an ulp per element
         # (large against updates at lr 2e-5): the floor of this comparison.
         floor[key] = float(np.linalg.norm(np.spacing(np.abs(b))) / np.linalg.norm(ref_update))
-    worst = max(buffer_rel, key=buffer_rel.get)
-    r["momentum_buffer_rel_diff_max"] = [worst, buffer_rel[worst]]
-    worst = max(update_rel, key=lambda k: update_rel[k] - 2 * floor[k])
-    r["update_rel_diff_max"] = [worst, update_rel[worst], floor[worst]]
+    # With float64 references (v2), each allowance adds torchvision's own float32 deviation from
+    # them, as for the gradients: the buffer's, twice; the update's floor, its buffer's.
+    worst = max(buffer_rel, key=lambda k: buffer_rel[k] - 2 * buf_noise[k])
+    r["momentum_buffer_rel_diff_max"] = [worst, buffer_rel[worst], 2 * buf_noise[worst]]
+    worst = max(update_rel, key=lambda k: update_rel[k] - 2 * floor[k] - 2 * buf_noise[k])
+    r["update_rel_diff_max"] = [worst, update_rel[worst], floor[worst] + buf_noise[worst]]
 
     # Sampling on: candidate and sampled counts per image follow torchvision's rule.
-    model = _model(ref, small, sampling=True)
+    model = _model(ref, sampling=True)
     rpn_counts, roi_counts = [], []
     for i in range(n_images):
         images, targets = _batch(ref, [i])
@@ -442,9 +633,58 @@ def check(ref_path: str, overrides=(), losses_only: bool = False,
     r["roi_counts"] = [roi_counts, ref["roi_counts"].tolist()]
     if "imagenet_input" in ref:
         r["imagenet_c_rel_diff"] = _check_imagenet(ref, model)
-    if inputs_path and not small:
+    if "heads64/box/input" in ref:
+        r["float64_heads"] = _check_float64_heads(ref, model, meta["seed"])
+    if inputs_path and not small and meta.get("family") != "detectron2":
         r.update(_check_data(ref, inputs_path, n_images))
     return r
+
+
+def _check_float64_heads(ref: dict, model, seed: int) -> dict:
+    """Our box and mask heads, rebuilt in float64 with the model's weights, in training mode on
+    _float64_heads' inputs followed by 5 padded rows of large values (``valid`` False): the
+    largest relative difference from torchvision's float64 outputs, input gradients and
+    parameter gradients, and the largest gradient reaching a padded row."""
+    import keras
+    import tensorflow as tf
+
+    entries = _mapping(model, ref)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    out = {}
+    try:
+        for name, head in (("box", model.box_head), ("mask", model.mask_head)):
+            config = dict(head.get_config())
+            config.pop("dtype", None)
+            exact = type(head).from_config(config)
+            x = ref[f"heads64/{name}/input"].astype(np.float64)
+            n = len(x)
+            padded = tf.constant(np.concatenate([x, np.full((5, *x.shape[1:]), 50.0)])[None])
+            exact(padded)
+            for a, b in zip(exact.weights, head.weights):
+                a.assign(tf.cast(b, tf.float64))
+            with tf.GradientTape() as tape:
+                tape.watch(padded)
+                y = exact(padded, training=True, valid=tf.constant(np.arange(n + 5)[None] < n))
+                if name == "box":  # torchvision's [cls_score | bbox_pred as (dx, dy, dw, dh)]
+                    deltas = tf.gather(y["box_deltas"][0, :n], [1, 0, 3, 2], axis=-1)
+                    flat = tf.concat([y["class_logits"][0, :n], tf.reshape(deltas, [n, -1])], 1)
+                else:  # [n, 91, 28, 28]
+                    flat = tf.transpose(y[0, :n], [0, 3, 1, 2])
+                loss = tf.reduce_sum(flat * _projection(name, tuple(flat.shape), seed))
+            gx, grads = tape.gradient(loss, [padded, exact.trainable_variables])
+            params = 0.0
+            for var, g in zip(head.trainable_variables, grads):  # exact's, in the same order
+                key, convert = entries[var.path]
+                params = max(params, _rel(g.numpy(), convert(ref[f"heads64/{name}/grad/{key}"])))
+            out[name] = {
+                "output": _rel(flat.numpy(), ref[f"heads64/{name}/output"]),
+                "input_grad": _rel(gx.numpy()[0, :n], ref[f"heads64/{name}/input_grad"]),
+                "param_grad": params, "params": len(grads),
+                "padded_row_grad": float(np.abs(gx.numpy()[0, n:]).max())}
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return out
 
 
 def _check_imagenet(ref: dict, model) -> list:
@@ -469,7 +709,7 @@ def _check_data(ref: dict, inputs_path: str, n_images: int) -> dict:
     from mrcnn_tf.data.pipeline import transform_params
     from mrcnn_tf.data.transforms import transform
 
-    params = transform_params(our_config(False, True))
+    params = transform_params(our_config(False, True))  # v1 and v2 resize alike
     data = dict(np.load(inputs_path))
     image_diff, mask_diff = [], []
     for i in range(n_images):
@@ -491,25 +731,42 @@ def _check_data(ref: dict, inputs_path: str, n_images: int) -> dict:
 
 
 TOLERANCES = {"loss": 1e-4, "grad": 1e-3, "update": 1e-3}
+# v2 (batch norm on batch statistics in the FPN and the heads): gradients and buffers against
+# torchvision's float64 ones within 3e-3 plus twice torchvision's own float32 deviation. Batch
+# norm's backward subtracts two means of the incoming gradient and amplifies float32 rounding:
+# torchvision's own float32 gradients are up to 1.6e-2 from its float64 ones (conv1 of layer2),
+# and ours reach 1.6e-3 where torchvision's happen to be within 1.2e-4 (accumulated in double on
+# the CPU). That the rest is rounding, not semantics, is _float64_heads: our heads in float64
+# equal torchvision's to the float32 storage of the reference.
+TOLERANCES_V2 = {"grad": 3e-3, "update": 3e-3, "float64_heads": 1e-6}
 
 
 def passes(r: dict) -> bool:
     """Losses within 1e-4 relative; every parameter's gradient, momentum buffer and two-step
-    update within 1e-3 of torchvision's, relative to that parameter's gradient, buffer or
-    update norm (the update also within twice its float32 floor); same learning rates and
-    counts."""
+    update within 1e-3 (v2: 3e-3, TOLERANCES_V2) of torchvision's, relative to that parameter's
+    gradient, buffer or update norm, plus the allowance reported beside each (the update's
+    float32 floor; for v2 also torchvision's own float32 deviation from its float64 values);
+    the same learning rates, counts and RoIs at both steps; v2's heads in float64 equal."""
+    tol = {**TOLERANCES, **(TOLERANCES_V2 if r.get("v2") else {})}
+    _, grad, grad_noise = r["grad_rel_diff_max"]
+    _, buffer, buffer_noise = r["momentum_buffer_rel_diff_max"]
     _, update, floor = r["update_rel_diff_max"]
-    return (all(v <= TOLERANCES["loss"] for v in r["loss_rel_diff_max"].values())
-            and all(v <= TOLERANCES["loss"] for v in r["canvas_loss_rel_diff_max"].values())
-            and r["batch_loss_rel_diff_max"] <= TOLERANCES["loss"]
+    heads = r.get("float64_heads", {})
+    return (all(v <= tol["loss"] for v in r["loss_rel_diff_max"].values())
+            and all(v <= tol["loss"] for v in r.get("canvas_loss_rel_diff_max", {}).values())
+            and r["batch_loss_rel_diff_max"] <= tol["loss"]
             and r["trainable"][2] == 0
-            and r["grad_rel_diff_max"][1] <= TOLERANCES["grad"]
-            and r["momentum_buffer_rel_diff_max"][1] <= TOLERANCES["update"]
-            and update <= TOLERANCES["update"] + 2 * floor
+            and grad <= tol["grad"] + 2 * grad_noise
+            and buffer <= tol["update"] + buffer_noise
+            and update <= tol["update"] + 2 * floor
             and np.allclose(r["lrs"][0], r["lrs"][1], rtol=1e-6)
+            and r.get("rois_per_step", [0, 0])[0] == r.get("rois_per_step", [0, 0])[1]
             and r["rpn_counts"][0] == r["rpn_counts"][1]
             and r["roi_counts"][0] == r["roi_counts"][1]
-            and all(d <= 1e-4 for d in r.get("imagenet_c_rel_diff", [])))
+            and all(d <= 1e-4 for d in r.get("imagenet_c_rel_diff", []))
+            and all(h[k] <= tol["float64_heads"] and h["padded_row_grad"] == 0.0
+                    for h in heads.values() for k in ("output", "input_grad", "param_grad"))
+            and (not r.get("v2") or len(heads) == 2))
 
 
 def main(argv=None) -> int:
@@ -517,6 +774,7 @@ def main(argv=None) -> int:
     p.add_argument("mode", nargs="?", choices=("inputs", "reference", "check", "all"),
                    default="all")
     p.add_argument("--small", action="store_true", help="the reduced-width model")
+    p.add_argument("--v2", action="store_true", help="maskrcnn_resnet50_fpn_v2 instead of v1")
     p.add_argument("--inputs", default="/tmp/torchvision_train_inputs.npz")
     p.add_argument("--reference", help="reference .npz; default: the committed small fixture "
                    "or /tmp for the full model")
@@ -525,16 +783,17 @@ def main(argv=None) -> int:
     p.add_argument("--torch_python", default=sys.executable,
                    help="interpreter with torch and torchvision for the reference half")
     args = p.parse_args(argv)
-    path = args.reference or (str(SMALL_FIXTURE) if args.small
-                              else "/tmp/torchvision_train_full.npz")
+    path = args.reference or (str(SMALL_FIXTURE_V2 if args.v2 else SMALL_FIXTURE) if args.small
+                              else f"/tmp/torchvision{'_v2' if args.v2 else ''}_train_full.npz")
     if args.mode in ("inputs", "all"):
         inputs(args.inputs, args.data)
     if args.mode == "reference":
-        reference(args.inputs, path, args.small, args.seed)
+        reference(args.inputs, path, args.small, args.seed, args.v2)
     if args.mode == "all":
         subprocess.run([args.torch_python, __file__, "reference", "--inputs", args.inputs,
                         "--reference", path, "--seed", str(args.seed)]
-                       + (["--small"] if args.small else []), check=True)
+                       + (["--small"] if args.small else []) + (["--v2"] if args.v2 else []),
+                       check=True)
     if args.mode in ("check", "all"):
         result = check(path, inputs_path=args.inputs if os.path.exists(args.inputs) else None)
         print(json.dumps(result, indent=1))

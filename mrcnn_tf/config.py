@@ -55,6 +55,10 @@ def section(cls):
 # ----------------------------------------------------------------------------------------------
 
 
+
+MASK_OUTPUTS = ("full", "box", "png")  # export.mask_output, export --mask_output, serving
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")  # train --strategy
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """ResNet backbone producing C2..C5."""
@@ -424,7 +428,7 @@ class ExportConfig:
     mask_output: str = opt("full", "full: masks pasted at the original resolution (uint8 "
                            "[B, D, H, W]); box: 28x28 probabilities per box; png: one PNG per "
                            "detection at the original resolution (compact over REST)",
-                           choices=("full", "box", "png"))
+                           choices=MASK_OUTPUTS)
     max_image_pixels: int = opt(25_000_000, "encoded images with more pixels (read from the "
                                 "header, before decoding) get an errors entry instead of being "
                                 "served", min=1)

@@ -37,10 +37,10 @@ import tempfile
 
 import tensorflow as tf
 
+from mrcnn_tf.config import MASK_OUTPUTS
 from mrcnn_tf.ops.masks import paste_masks
 
 INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
-MASK_OUTPUTS = ("full", "box", "png")
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")  # index = the format code below
 JPEG, PNG, GIF, BMP, WEBP = range(5)
 _HEAD = 32  # header bytes read for the format and the size

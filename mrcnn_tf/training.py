@@ -15,13 +15,12 @@ import tensorflow as tf
 
 from mrcnn_tf import rundir
 from mrcnn_tf.checkpoint import make_checkpoint
-from mrcnn_tf.config import Config, ConfigError
+from mrcnn_tf.config import STRATEGIES, Config, ConfigError
 from mrcnn_tf.data import DataError, build_dataset, source_info
 from mrcnn_tf.model import LOSS_KEYS, build_model
 from mrcnn_tf.rundir import weights_finite
 
 logger = logging.getLogger("mrcnn_tf")
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:

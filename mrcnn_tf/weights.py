@@ -32,6 +32,9 @@ import warnings
 
 import numpy as np
 
+from mrcnn_tf import rundir
+from mrcnn_tf.layers.norm import BATCH_NORMS
+
 # COCO 2017 category id -> name; torchvision's labels are these ids (gaps are unused labels).
 COCO_CATEGORIES = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
@@ -205,9 +208,6 @@ def resnet_mapping(backbone, prefix: str = "", layout: str = "torchvision",
     return entries
 
 
-_BN_NORMS = ("frozen_bn", "bn", "sync_bn")
-
-
 def torchvision_version(model) -> str:
     """"v1" or "v2": which of torchvision's Mask R-CNNs ``model`` is built as, from its config
     (``configs/torchvision_r50_fpn.yaml`` or ``configs/torchvision_r50_fpn_v2.yaml``); a
@@ -217,7 +217,7 @@ def torchvision_version(model) -> str:
     common = []
     if bb.stride_in_1x1:
         common.append("model.backbone.stride_in_1x1 must be false (stride on the 3x3 conv)")
-    if bb.norm not in _BN_NORMS:
+    if bb.norm not in BATCH_NORMS:
         common.append("model.backbone.norm must be frozen_bn (or bn)")
     if not rpn.share_heads or rpn.objectness != "sigmoid":
         common.append("model.rpn must share one head with sigmoid objectness")
@@ -234,7 +234,7 @@ def torchvision_version(model) -> str:
     if rpn.num_convs != 1:
         v1.append("model.rpn.num_convs must be 1")
     v2 = []
-    if any(n not in _BN_NORMS for n in (fpn.norm, bh.norm, mh.norm)):
+    if any(n not in BATCH_NORMS for n in (fpn.norm, bh.norm, mh.norm)):
         v2.append("model.fpn, model.box_head and model.mask_head norm must be bn")
     if bh.head_type != "4conv1fc" or bh.num_convs != 4:
         v2.append("model.box_head.type must be 4conv1fc")
@@ -432,7 +432,7 @@ def load_backbone_weights(model, path: str) -> int:
     if bb.stride_in_1x1:
         problems.append("model.backbone.stride_in_1x1 must be false (torchvision's ResNet has "
                         "its stride on the 3x3 conv)")
-    if bb.norm not in ("frozen_bn", "bn", "sync_bn"):
+    if bb.norm not in BATCH_NORMS:
         problems.append(f"model.backbone.norm={bb.norm} cannot take batch-norm "
                         "statistics; use frozen_bn or bn")
     if problems:
@@ -471,7 +471,7 @@ def load_initial_weights(model, path: str) -> list[str]:
                                 "(no .index file) or a .weights.h5 file")
     checkpoint = path
     if os.path.isdir(path):
-        checkpoint = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+        checkpoint = tf.train.latest_checkpoint(os.path.join(path, rundir.CHECKPOINTS))
         if checkpoint is None:
             raise FileNotFoundError(f"model.init_from: {path} has no checkpoints/ with a "
                                     "checkpoint (a train.py or mrcnn_tf.tools.convert run "

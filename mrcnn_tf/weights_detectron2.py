@@ -33,6 +33,7 @@ import pickle
 
 import numpy as np
 
+from mrcnn_tf.layers.norm import BATCH_NORMS
 from mrcnn_tf.weights import (
     COCO_CATEGORIES,
     WeightsError,
@@ -155,7 +156,7 @@ def detectron2_mapping(model) -> list[tuple[str, object, object]]:
     bb, fpn, rpn = model.backbone, model.fpn, model.rpn_head
     bh, mh = model.box_head, model.mask_head
     problems = []
-    if bb.norm not in ("frozen_bn", "bn", "sync_bn"):
+    if bb.norm not in BATCH_NORMS:
         problems.append("model.backbone.norm must be frozen_bn (or bn)")
     if fpn.norm != "none" or mh.norm != "none":
         problems.append("model.fpn.norm and model.mask_head.norm must be none")

@@ -27,6 +27,7 @@ import sys
 import time
 
 from mrcnn_tf.cli import quiet
+from mrcnn_tf.config import MASK_OUTPUTS
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
                         "export.input_types); the first is serving_default")
     p.add_argument("--max_detections", type=int, default=None,
                    help="detections per image (default: export.max_detections)")
-    p.add_argument("--mask_output", default=None, choices=("full", "box", "png"),
+    p.add_argument("--mask_output", default=None, choices=MASK_OUTPUTS,
                    help="full-resolution uint8 masks, 28x28 per box, or one PNG per detection "
                         "(default: export.mask_output)")
     p.add_argument("--max_image_pixels", type=int, default=None,

@@ -22,7 +22,7 @@ import os
 import sys
 
 from mrcnn_tf.cli import quiet
-from mrcnn_tf.config import packaged_config
+from mrcnn_tf.config import STRATEGIES, packaged_config
 
 DEFAULT_CONFIG = packaged_config("shapes.yaml")
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
                         "configs/shapes.yaml for a new run); on a resumed run it must describe "
                         "the same model")
     p.add_argument("--strategy", default="default",
-                   choices=("default", "one_device", "mirrored", "multi_worker", "tpu"),
+                   choices=STRATEGIES,
                    help="tf.distribute strategy; tpu needs the XLA settings (README, "
                    "\"XLA and TPUs\"; compiled on CPU, never run on a TPU here)")
     p.add_argument("--cpu_replicas", type=int, default=0,

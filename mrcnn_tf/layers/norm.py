@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 NORMS = ("frozen_bn", "bn", "sync_bn", "group_norm", "none")
+BATCH_NORMS = ("frozen_bn", "bn", "sync_bn")  # those that hold batch-norm statistics
 
 
 def _fusable_input(x) -> bool:

@@ -11,11 +11,12 @@ also takes ``full``: [B, D, H, W] uint8 0/1). What the converters cannot take st
 encoded images (``DecodeImage``), no Example parsing, no ``errors`` strings, no shape ``Assert``,
 no png masks.
 
-The model must use the implementations that convert (the export CLI sets them; the numbers do
-not change, ``tests/ops``): ``model.nms_impl: static`` (tf2onnx has no conversion of
-``CombinedNonMaxSuppression`` with per-class boxes, LiteRT no builtin for either NMS kernel) and,
-for LiteRT, ``model.roi_align.impl: gather`` (no builtin ``CropAndResize``). Images are resized
-as one batch (no ``map_fn``, whose TensorList LiteRT lacks).
+The model must use the implementations that convert (the numbers do not change, ``tests/ops``):
+``model.nms_impl: static`` (tf2onnx has no conversion of ``CombinedNonMaxSuppression`` with
+per-class boxes, LiteRT no builtin for either NMS kernel) and, for LiteRT,
+``model.roi_align.impl: gather`` (no builtin ``CropAndResize``). :func:`converter_config` gives
+a config those settings; build the model to export from it (the export CLI does). Images are
+resized as one batch (no ``map_fn``, whose TensorList LiteRT lacks).
 
 Needs the ``export`` extra: ``pip install -e ".[export]"`` (tf2onnx, onnxruntime, ai-edge-litert).
 """
@@ -57,14 +58,34 @@ def _detector(model, category_ids, mask_output, max_detections, mask_threshold, 
     return detect, labels, module
 
 
+def converter_config(config, fmt: str):
+    """``config`` with the implementations ``fmt`` ("onnx" or "litert") converts: static NMS,
+    and for LiteRT the gather RoIAlign. Same numbers (``tests/ops``), so a run's weights load
+    into the model built from it::
+
+        model = build_model(converter_config(config, "onnx")); restore(model, checkpoint)
+        export_onnx(model, ...)
+    """
+    import dataclasses
+
+    if fmt not in ("onnx", "litert"):
+        raise ValueError(f"converter_config: fmt must be onnx or litert, got {fmt!r}")
+    m = config.model
+    roi_align = dataclasses.replace(m.roi_align, impl="gather") if fmt == "litert" else (
+        m.roi_align)
+    return dataclasses.replace(config, model=dataclasses.replace(
+        m, nms_impl="static", roi_align=roi_align))
+
+
 def _check(model, fmt: str, mask_output: str, masks_allowed):
     if mask_output not in masks_allowed:
         raise ValueError(f"{fmt} export: mask_output must be {' or '.join(masks_allowed)}; got "
                          f"{mask_output!r}")
+    built = f"build the model from export_formats.converter_config(config, {fmt.lower()!r})"
     if {model.proposal_generator.nms_impl, model.detection_generator.nms_impl} != {"static"}:
-        raise ValueError(f"{fmt} export needs model.nms_impl=static")
+        raise ValueError(f"{fmt} export needs model.nms_impl=static: {built}")
     if fmt == "LiteRT" and model.box_roi_align.impl != "gather":
-        raise ValueError("LiteRT export needs model.roi_align.impl=gather")
+        raise ValueError(f"LiteRT export needs model.roi_align.impl=gather: {built}")
 
 
 def _write_labels(path: str, labels) -> None:

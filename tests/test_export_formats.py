@@ -100,3 +100,26 @@ def test_litert_model_has_builtin_ops_only_and_gives_torchvision_detections(run_
                             str(run_dir), "--output", str(tmp_path / "e"), "--format", "litert"],
                            cwd=REPO, capture_output=True, text=True)
     assert wrong.returncode == 2 and "--format litert needs --image_size H,W" in wrong.stderr
+
+
+def test_converter_config_gives_the_implementations_each_format_converts():
+    """A Python caller builds the model to export from converter_config (as the CLI does); a
+    model built otherwise is refused with that instruction."""
+    from types import SimpleNamespace
+
+    from mrcnn_tf.config import load_config
+    from mrcnn_tf.export_formats import converter_config, export_litert
+
+    config = load_config(REPO / "configs" / "shapes.yaml")
+    onnx, litert = converter_config(config, "onnx"), converter_config(config, "litert")
+    assert onnx.model.nms_impl == litert.model.nms_impl == "static"
+    assert onnx.model.roi_align.impl == config.model.roi_align.impl
+    assert litert.model.roi_align.impl == "gather"
+    assert onnx.model.roi_align.sampling_ratio == config.model.roi_align.sampling_ratio
+    with pytest.raises(ValueError, match="fmt must be onnx or litert"):
+        converter_config(config, "tflite")
+    default = SimpleNamespace(proposal_generator=SimpleNamespace(nms_impl="tf"),
+                              detection_generator=SimpleNamespace(nms_impl="tf"),
+                              box_roi_align=SimpleNamespace(impl="crop_and_resize"))
+    with pytest.raises(ValueError, match=r"converter_config\(config, 'litert'\)"):
+        export_litert(default, [1], ["a"], "/nonexistent/x.tflite", (64, 64))

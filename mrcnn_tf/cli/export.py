@@ -107,14 +107,9 @@ def main(argv=None) -> int:
     if args.format != "saved_model":
         # The implementations the converters take, with the same numbers (tests/ops). Not --set
         # overrides: a run directory's model section is fixed, and these change no number.
-        import dataclasses
+        from mrcnn_tf.export_formats import converter_config
 
-        m = config.model
-        roi_align = m.roi_align
-        if args.format == "litert":
-            roi_align = dataclasses.replace(roi_align, impl="gather")
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            m, nms_impl="static", roi_align=roi_align))
+        config = converter_config(config, args.format)
     options = serving_options(config)
     input_types = options["input_types"]
     model = build_model(config)

@@ -353,6 +353,12 @@ class DataConfig:
                            " (row floor(i * in / out))", choices=("bilinear", "nearest"))
     mini_mask_size: int = opt(56, "side of mini-masks", min=1)
     hflip: bool = opt(True, "random horizontal flip in training (references)")
+    train_short_sizes: tuple[int, ...] | None = opt(
+        None, "multi-scale training: each training image's short side drawn uniformly from this"
+        " list (detectron2's ResizeShortestEdge(MIN_SIZE_TRAIN, 'choice'), torchvision's"
+        " multiscale preset), its long side still at most model.preprocess.long_size; each at"
+        " most model.preprocess.short_size (the canvases' short side). null: the model's short"
+        " size", min=1)
     aug_scale_min: float = opt(1.0, "scale jitter lower bound (1.0 = off, the 1x recipe)",
                                min=0.0, min_exclusive=True)
     aug_scale_max: float = opt(1.0, "scale jitter upper bound", min=0.0, min_exclusive=True)
@@ -509,6 +515,15 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("model.preprocess.short_size must be <= model.preprocess.long_size")
     if cfg.data.aug_scale_min > cfg.data.aug_scale_max:
         raise ConfigError("data.aug_scale_min must be <= data.aug_scale_max")
+    sizes = cfg.data.train_short_sizes
+    if sizes is not None:
+        if pp.resize != "short_long":
+            raise ConfigError("data.train_short_sizes needs model.preprocess.resize=short_long "
+                              "(it draws the short side); set it to null")
+        if not sizes or max(sizes) > pp.short_size:
+            raise ConfigError(f"data.train_short_sizes {list(sizes)}: each must be at most "
+                              f"model.preprocess.short_size ({pp.short_size}), the short side "
+                              "of the canvases; raise that or lower these")
     if list(cfg.train.decay_steps) != sorted(cfg.train.decay_steps):
         raise ConfigError("train.decay_steps must be increasing")
     if m.init_from and m.backbone.weights:

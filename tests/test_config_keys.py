@@ -46,6 +46,7 @@ VALUES = {
     "model.box_head.foreground_iou": 0.7,
     "model.preprocess.square_size": 96,
     "data.aug_scale_max": 1.5,
+    "data.train_short_sizes": [64, 96],
 }
 # Extra settings, in both configs, that the other value needs to be valid.
 NEEDS = {
@@ -56,6 +57,10 @@ NEEDS = {
     "model.roi_align.min_level": ["model.roi_align.canonical_level=4"],
     "model.rpn.objectness": ["model.rpn.objectness_loss=bce"],
     "model.preprocess.short_size": ["model.preprocess.long_size=1333"],
+    "data.train_short_sizes": ["model.preprocess.resize=short_long",
+                               "model.preprocess.short_size=96",
+                               "model.preprocess.long_size=128",
+                               "data.canvas_long_sides=[96, 128]"],
 }
 # Keys whose other value is valid only with other keys changed with it (in the changed config).
 WITH = {

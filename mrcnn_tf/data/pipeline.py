@@ -160,6 +160,7 @@ def transform_params(config: Config) -> TransformParams:
                            square_size=pp.square_size, max_instances=d.max_instances,
                            mask_mode=d.mask_mode, mask_resize=d.mask_resize,
                            mini_mask_size=d.mini_mask_size, hflip=d.hflip,
+                           train_short_sizes=tuple(d.train_short_sizes or ()),
                            aug_scale_min=d.aug_scale_min, aug_scale_max=d.aug_scale_max,
                            image_dtype=d.image_dtype)
 

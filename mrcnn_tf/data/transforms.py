@@ -29,6 +29,7 @@ class TransformParams:
     mask_resize: str  # "bilinear" | "nearest"
     mini_mask_size: int
     hflip: bool
+    train_short_sizes: tuple  # short sides to draw from in training; () = short_size
     aug_scale_min: float
     aug_scale_max: float
     image_dtype: str  # "float32" | "uint8"
@@ -86,7 +87,11 @@ def transform(example: dict, p: TransformParams, training: bool) -> tuple:
     masks = example["masks"]
     shape = tf.shape(image)
     orig = shape[:2]
-    new, _ = resized_sizes(orig[None], p.resize, p.short_size, p.long_size, p.square_size)
+    short = p.short_size
+    if training and p.train_short_sizes:  # multi-scale: one short side per image, uniformly
+        pick = tf.random.uniform([], 0, len(p.train_short_sizes), dtype=tf.int32)
+        short = tf.cast(tf.gather(tf.constant(p.train_short_sizes), pick), tf.float64)
+    new, _ = resized_sizes(orig[None], p.resize, short, p.long_size, p.square_size)
     new = new[0]
     canvas = tf.gather(tf.constant(p.canvases, tf.int32), choose_canvas(new, p.canvases))
     if training and (p.aug_scale_min != 1.0 or p.aug_scale_max != 1.0):

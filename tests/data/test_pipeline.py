@@ -344,3 +344,55 @@ def test_classes_that_do_not_fit_the_model_name_the_fix(shared_data):
                                           r"not include: 1, 2"):
         source_info(load_config(str(REPO / "configs" / "torchvision_r50_fpn.yaml"), sources),
                     training=True, labels=(list(range(3, 93)), ["x"] * 90))
+
+
+def test_multi_scale_short_sides_are_drawn_uniformly_from_the_list():
+    """data.train_short_sizes: in training each image's short side is drawn uniformly from the
+    list (detectron2's ResizeShortestEdge 'choice'), its long side still capped at
+    model.preprocess.long_size; evaluation keeps model.preprocess.short_size. A chi-square test
+    over 600 draws on images of many sizes and aspect ratios rejects a biased draw."""
+    from mrcnn_tf.data.pipeline import transform_params
+    from mrcnn_tf.data.transforms import transform
+
+    sizes = (64, 96, 128)
+    cfg = load_config(SHAPES, ["model.preprocess.resize=short_long",
+                               "model.preprocess.short_size=128", "model.preprocess.long_size=213",
+                               "data.canvas_long_sides=[128, 160, 192, 224]",
+                               f"data.train_short_sizes={list(sizes)}"])
+    p = transform_params(cfg)
+    rng = np.random.default_rng(0)
+    tf.random.set_seed(0)
+    counts = dict.fromkeys(sizes, 0)
+    for i in range(600):
+        h, w = (int(v) for v in rng.integers(40, 300, 2))
+        example = {"image": tf.zeros([h, w, 3], tf.uint8), "boxes": [[0.0, 0.0, h, w]],
+                   "classes": [1], "masks": tf.ones([1, h, w], tf.uint8), "image_id": i}
+        for training in (True, False) if i < 20 else (True,):
+            _, t = transform(example, p, training=training)
+            got = tuple(int(v) for v in t["image_info"]["image_size"])
+            # The sizes each short side gives, torchvision's rule: floor(dim * min(s / short,
+            # long_size / long)).
+            options = {s: tuple(int(np.floor(d * min(s / min(h, w), 213 / max(h, w))))
+                                for d in (h, w)) for s in sizes}
+            if not training:
+                assert got == options[128], (h, w, got)
+                continue
+            drawn = [s for s, size in options.items() if size == got]
+            assert drawn, (h, w, got, options)
+            # Counted where the long-side cap leaves all three sizes apart (a property of the
+            # image, not of the draw: counting every unambiguous draw would favour 64).
+            if len(set(options.values())) == len(sizes):
+                counts[drawn[0]] += 1
+    n = sum(counts.values())
+    assert n > 300, counts
+    chi2 = sum((c - n / 3) ** 2 / (n / 3) for c in counts.values())
+    assert chi2 < 13.8, counts  # p = 0.001 at 2 degrees of freedom
+
+
+def test_multi_scale_sizes_above_the_canvas_short_side_are_refused():
+    with pytest.raises(ConfigError, match="data.train_short_sizes .* at most model.preprocess"):
+        load_config(SHAPES, ["model.preprocess.resize=short_long",
+                             "model.preprocess.short_size=128",
+                             "model.preprocess.long_size=213",
+                             "data.canvas_long_sides=[128, 224]",
+                             "data.train_short_sizes=[128, 160]"])

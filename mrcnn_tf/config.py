@@ -50,14 +50,15 @@ def section(cls):
     return field(default_factory=cls, metadata={"doc": cls.__doc__ or ""})
 
 
+# Allowed values read outside this file too (one list each).
+MASK_OUTPUTS = ("full", "box", "png")  # export.mask_output, export --mask_output, serving
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")  # train --strategy
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
 
-
-
-MASK_OUTPUTS = ("full", "box", "png")  # export.mask_output, export --mask_output, serving
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")  # train --strategy
 
 @dataclass(frozen=True)
 class BackboneConfig:

@@ -104,7 +104,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return _fused_inference(inputs, self.gamma, self.beta, self.moving_mean,
                                 self.moving_variance, self.epsilon)
 
-
     def _masked_training(self, inputs, valid_rows):
         axis = self.axis % len(inputs.shape)
         if axis != len(inputs.shape) - 1:

@@ -228,7 +228,8 @@ def test_r50_fpn_builds_and_matches_torchvision_parameter_count():
     # FrozenBatchNorm statistics and affine terms being buffers. With num_classes=90 (91 logits)
     # ours must count the same once the frozen-BN weights are set aside.
     cfg = mrcnn_tf.load_config(COCO, ["model.num_classes=90", "model.preprocess.short_size=64",
-                                      "model.preprocess.long_size=64"])
+                                      "model.preprocess.long_size=64",
+                                      "data.train_short_sizes=null"])
     model = mrcnn_tf.build_model(cfg)
     total = model.count_params()
     frozen_bn = _frozen_bn_count(model)

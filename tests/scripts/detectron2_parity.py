@@ -191,7 +191,8 @@ def parity_overrides(small: bool, resnext: bool = False) -> list[str]:
                       f"model.mask_head.conv_dim={s['mask']}",
                       f"model.preprocess.short_size={s['min_size']}",
                       f"model.preprocess.long_size={s['max_size']}",
-                      "data.canvas_long_sides=[224, 288, 320]"]
+                      "data.canvas_long_sides=[224, 288, 320]",
+                      "data.train_short_sizes=null"]  # detectron2's 640..800 exceed 200
     return overrides
 
 

@@ -6,8 +6,9 @@ Outputs always have the requested size; ``valid`` / ``num_*`` say how many rows 
 
 Two implementations keep the same boxes (``impl``): ``tf`` uses TensorFlow's NMS kernels
 (NonMaxSuppressionV5, CombinedNonMaxSuppression), ``static`` is the same greedy rule written with
-top_k, IoU rows and a while loop over the ranked boxes, on static shapes, which XLA compiles
-(TensorFlow's NMS kernels have no XLA kernel).
+top_k, IoU matrices and a few loop iterations over tiles of the ranked boxes, on static shapes,
+which XLA compiles and tf2onnx converts (TensorFlow's NMS kernels have no XLA kernel, and ONNX
+none with per-class boxes).
 """
 
 from __future__ import annotations
@@ -20,38 +21,82 @@ from mrcnn_tf.ops._graph import graph_when_eager
 INVALID_SCORE = -1e30
 
 
-def _iou_rows(box, boxes):
-    """IoU of ``box`` [..., 4] with each of ``boxes`` [..., N, 4] -> [..., N]; 0 for an empty
-    union (torchvision's NaN, which never suppresses)."""
-    box = box[..., None, :]
-    y1 = tf.maximum(box[..., 0], boxes[..., 0])
-    x1 = tf.maximum(box[..., 1], boxes[..., 1])
-    y2 = tf.minimum(box[..., 2], boxes[..., 2])
-    x2 = tf.minimum(box[..., 3], boxes[..., 3])
+# Ranked boxes per tile of the static NMS: each tile is one loop iteration (plus the few of its
+# own fixed point). Larger tiles mean fewer iterations but IoU matrices of more wasted pairs;
+# 128 suits the detection NMS's 90 classes x 1000 RoIs (benchmarks/README.md).
+NMS_TILE = 128
+
+
+def _iou(a, b):
+    """IoU of boxes ``a`` and ``b`` [..., 4] (y1, x1, y2, x2), broadcast against each other;
+    0 for an empty union (torchvision's NaN, which never suppresses)."""
+    y1 = tf.maximum(a[..., 0], b[..., 0])
+    x1 = tf.maximum(a[..., 1], b[..., 1])
+    y2 = tf.minimum(a[..., 2], b[..., 2])
+    x2 = tf.minimum(a[..., 3], b[..., 3])
     inter = tf.maximum(y2 - y1, 0.0) * tf.maximum(x2 - x1, 0.0)
 
-    def area(b):
-        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    def area(t):
+        return (t[..., 2] - t[..., 0]) * (t[..., 3] - t[..., 1])
 
-    return tf.math.divide_no_nan(inter, area(box) + area(boxes) - inter)
+    return tf.math.divide_no_nan(inter, area(a) + area(b) - inter)
 
 
 @graph_when_eager
-def _greedy_keep(ranked_boxes, alive, iou_threshold: float):
-    """Greedy NMS over boxes already in decreasing score order: ``alive`` [..., N] bool, boxes
-    [..., N, 4]. Box i, if still kept when its turn comes, suppresses every later box whose IoU
-    with it is > ``iou_threshold``. Returns the kept mask [..., N]."""
-    n = tf.shape(ranked_boxes)[-2]  # a constant wherever XLA compiles the loop
-    later = tf.range(n)
+def _greedy_keep(ranked_boxes, alive, iou_threshold: float, tile: int = NMS_TILE):
+    """Greedy NMS over boxes already in decreasing score order: box i, if still kept when its
+    turn comes, suppresses every later box whose IoU with it is > ``iou_threshold``.
 
-    def body(i, n, keep):
-        iou = _iou_rows(tf.gather(ranked_boxes, i, axis=-2), ranked_boxes)
-        suppress = (iou > iou_threshold) & (later > i) & tf.gather(keep, [i], axis=-1)
-        return i + 1, n, keep & ~suppress
+    Tile by tile (Model Garden's sorted_non_max_suppression_padded, written here): a tile's
+    boxes are first suppressed by the kept boxes of the tiles before it (one IoU matrix), then
+    among themselves by iterating keep[j] = alive[j] and no kept i < j overlaps j, from the
+    tile's alive boxes until nothing changes. Greedy NMS's result is the unique fixed point of
+    that rule (box j's fate depends only on the boxes before it), so the loop ends on it: the
+    same boxes as the per-box loop, ties included. The tile loop stops at the first tile
+    without an alive box (ranked boxes are alive first).
 
-    # n is a loop variable, not a capture, so that converters (tf2onnx) bind the condition.
-    _, _, keep = tf.while_loop(lambda i, n, keep: i < n, body, (tf.constant(0), n, alive))
-    return keep
+    Args:
+      ranked_boxes: [..., N, 4]; alive: [..., N] bool (False rows are never kept).
+    Returns:
+      the kept mask [..., N].
+    """
+    n = tf.shape(alive)[-1]  # a constant wherever XLA compiles the loop
+    boxes = tf.reshape(tf.cast(ranked_boxes, tf.float32), tf.stack([-1, n, 4]))
+    keep = tf.reshape(alive, tf.stack([-1, n]))
+    tiles = (n + tile - 1) // tile
+    total = tiles * tile
+    boxes = tf.pad(boxes, [[0, 0], [0, total - n], [0, 0]])
+    keep = tf.pad(keep, [[0, 0], [0, total - n]])
+    position = tf.range(total)
+    before = tf.range(tile)[:, None] < tf.range(tile)[None, :]  # [i, j]: i ranks before j
+
+    def tile_step(k, tiles, keep):
+        # Slices of a static size at a loop position (XLA's DynamicSlice, ONNX's Slice).
+        start = k * tile
+        tile_boxes = tf.slice(boxes, tf.stack([0, start, 0]), [-1, tile, 4])  # [R, T, 4]
+        alive_here = tf.slice(keep, tf.stack([0, start]), [-1, tile])
+        earlier = keep & (position < start)[None, :]  # kept boxes of the earlier tiles
+        overlap = _iou(boxes[:, :, None, :], tile_boxes[:, None, :, :]) > iou_threshold
+        alive_here &= ~tf.reduce_any(overlap & earlier[:, :, None], axis=1)
+        inside = (_iou(tile_boxes[:, :, None, :], tile_boxes[:, None, :, :]) > iou_threshold
+                  ) & before
+
+        def settle(current, _):
+            return alive_here & ~tf.reduce_any(inside & current[:, :, None], axis=1), current
+
+        first, _ = settle(alive_here, alive_here)
+        kept, _ = tf.while_loop(lambda cur, prev: tf.reduce_any(tf.not_equal(cur, prev)),
+                                settle, (first, alive_here))
+        in_tile = (position >= start) & (position < start + tile)
+        placed = tf.gather(kept, tf.clip_by_value(position - start, 0, tile - 1), axis=1)
+        return k + 1, tiles, tf.where(in_tile[None, :], placed, keep)
+
+    def more(k, tiles, keep):
+        return (k < tiles) & tf.reduce_any(keep & (position >= k * tile)[None, :])
+
+    # tiles is a loop variable, not a capture, so that converters (tf2onnx) bind the condition.
+    _, _, keep = tf.while_loop(more, tile_step, (tf.constant(0), tiles, keep))
+    return tf.reshape(keep[:, :n], tf.shape(alive))
 
 
 def _first_kept(keep, k: int):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mrcnn_tf.ops.nms import multiclass_nms, non_max_suppression, proposal_nms
+from mrcnn_tf.ops.nms import _greedy_keep, multiclass_nms, non_max_suppression, proposal_nms
 from tests.ops import reference
 
 
@@ -130,3 +130,52 @@ def test_static_implementation_equals_tf_on_many_boxes_and_compiles_with_xla():
     with pytest.raises(Exception, match="NonMaxSuppressionV5"):
         tf.function(lambda b, s: non_max_suppression(b, s, 10, 0.5), jit_compile=True)(
             boxes, scores)
+
+
+def _tied_case(rng, rows: int, n: int, grid: int):
+    """Boxes on an integer grid of step ``grid`` (many equal boxes and IoUs exactly at the
+    threshold; areas < 2^17, so float32 and the float64 oracle compare alike), some empty, and
+    scores with ties."""
+    yx = rng.integers(0, 128 // grid, (rows, n, 2)) * grid
+    hw = rng.integers(0, 64 // grid + 1, (rows, n, 2)) * grid
+    boxes = np.concatenate([yx, yx + hw], -1).astype(np.float32)
+    scores = (rng.integers(0, 16, (rows, n)) / 16).astype(np.float32)
+    return boxes, scores
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.25, 0.75, 0.0])
+def test_tiled_static_nms_keeps_the_greedy_boxes_with_ties(threshold):
+    """The static NMS runs tile by tile (ops/nms.py: _greedy_keep): it keeps exactly the boxes of
+    greedy NMS (the float64 oracle, ties in index order as top_k ranks them) and of TensorFlow's
+    NonMaxSuppressionV5, on 3 x 4 x 1000 boxes per threshold (12,000) spanning 8 tiles of 128,
+    with equal boxes, equal scores and IoUs exactly at the threshold."""
+    rng = np.random.default_rng(int(threshold * 100))
+    checked = 0
+    for grid in (1, 4, 16):
+        boxes, scores = _tied_case(rng, 4, 1000, grid)
+        valid = rng.uniform(0, 1, scores.shape) > 0.1
+        out = {impl: non_max_suppression(boxes, scores, 1000, threshold, tf.constant(valid),
+                                         impl=impl) for impl in ("static", "tf")}
+        for b in range(4):
+            vi = np.nonzero(valid[b])[0]
+            ref = vi[reference.greedy_nms(boxes[b][vi], scores[b][vi], threshold)]
+            for impl, o in out.items():
+                n = int(o["num_valid"][b])
+                np.testing.assert_array_equal(o["indices"].numpy()[b, :n], ref, err_msg=impl)
+            checked += len(vi)
+    assert checked > 10_000
+
+
+@pytest.mark.parametrize("tile", [1, 3, 64, 2048])
+def test_any_tile_size_keeps_the_same_boxes(tile):
+    """Tiles of 1 (the per-box loop), of sizes that do not divide N, and one tile for all."""
+    rng = np.random.default_rng(tile)
+    boxes, scores = _tied_case(rng, 3, 301, 4)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(boxes, order[..., None], 1)
+    alive = np.take_along_axis(scores, order, 1) > 0.2
+    keep = _greedy_keep(tf.constant(ranked), tf.constant(alive), 0.5, tile).numpy()
+    for b in range(3):
+        live = np.nonzero(alive[b])[0]
+        ref = live[reference.greedy_nms(ranked[b][live], -np.arange(len(live)), 0.5)]
+        np.testing.assert_array_equal(np.nonzero(keep[b])[0], ref)

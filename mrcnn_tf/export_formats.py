@@ -14,8 +14,9 @@ no png masks.
 The model must use the implementations that convert (the numbers do not change, ``tests/ops``):
 ``model.nms_impl: static`` (tf2onnx has no conversion of ``CombinedNonMaxSuppression`` with
 per-class boxes, LiteRT no builtin for either NMS kernel) and, for LiteRT,
-``model.roi_align.impl: gather`` (no builtin ``CropAndResize``). :func:`converter_config` gives
-a config those settings; build the model to export from it (the export CLI does). Images are
+``model.roi_align.impl: gather`` (no builtin ``CropAndResize``; ONNX takes it too, where it runs
+faster than tf2onnx's loop over RoIs). :func:`converter_config` gives a config those settings;
+build the model to export from it (the export CLI does). Images are
 resized as one batch (no ``map_fn``, whose TensorList LiteRT lacks).
 
 Needs the ``export`` extra: ``pip install -e ".[export]"`` (tf2onnx, onnxruntime, ai-edge-litert).
@@ -59,9 +60,9 @@ def _detector(model, category_ids, mask_output, max_detections, mask_threshold, 
 
 
 def converter_config(config, fmt: str):
-    """``config`` with the implementations ``fmt`` ("onnx" or "litert") converts: static NMS,
-    and for LiteRT the gather RoIAlign. Same numbers (``tests/ops``), so a run's weights load
-    into the model built from it::
+    """``config`` with the implementations ``fmt`` ("onnx" or "litert") converts fastest: static
+    NMS and the gather RoIAlign (ONNX: where the sampling ratio is fixed). Same numbers
+    (``tests/ops``), so a run's weights load into the model built from it::
 
         model = build_model(converter_config(config, "onnx")); restore(model, checkpoint)
         export_onnx(model, ...)
@@ -71,8 +72,12 @@ def converter_config(config, fmt: str):
     if fmt not in ("onnx", "litert"):
         raise ValueError(f"converter_config: fmt must be onnx or litert, got {fmt!r}")
     m = config.model
-    roi_align = dataclasses.replace(m.roi_align, impl="gather") if fmt == "litert" else (
-        m.roi_align)
+    roi_align = m.roi_align
+    # tf2onnx turns crop_and_resize into a loop over the RoIs, most of a photo's time in
+    # onnxruntime; the gather RoIAlign is plain gathers. It needs one fixed sampling ratio:
+    # adaptive sampling (detectron2's 0) keeps its own implementation.
+    if fmt == "litert" or (roi_align.sampling_ratio >= 1 and not roi_align.level_sampling_ratios):
+        roi_align = dataclasses.replace(roi_align, impl="gather")
     return dataclasses.replace(config, model=dataclasses.replace(
         m, nms_impl="static", roi_align=roi_align))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.scripts import torchvision_parity as tp
+from tests.parity import torchvision_inference as tp
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
 

@@ -31,8 +31,8 @@ import json
 
 import pytest
 
-from tests.scripts import detectron2_train_parity as d2tp
-from tests.scripts import torchvision_train_parity as tp
+from tests.parity import detectron2_training as d2tp
+from tests.parity import training as tp
 
 FIXTURE = str(tp.SMALL_FIXTURE)
 FIXTURE_V2 = str(tp.SMALL_FIXTURE_V2)

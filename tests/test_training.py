@@ -572,7 +572,7 @@ def test_fine_tune_converted_torchvision_model(tmp_path, shared_data, classes):
     JSON) the 90 classes and their layers carry over, and the run's labels are
     torchvision's."""
     from mrcnn_tf.tools.convert_torchvision import convert
-    from tests.scripts import torchvision_parity as tp
+    from tests.parity import torchvision_inference as tp
 
     with np.load(REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz") as f:
         np.savez(tmp_path / "tv.npz", **{k[3:]: f[k] for k in f.files if k.startswith("sd/")})
@@ -613,7 +613,7 @@ def _small_torchvision(shared_data, extra=()):
     """The reduced-width torchvision model with its fixture's weights (80 fresh classes), on
     coco_tiny16."""
     from mrcnn_tf.weights import load_torchvision
-    from tests.scripts import torchvision_parity as tp
+    from tests.parity import torchvision_inference as tp
 
     tiny = shared_data / "coco_tiny16"
     cfg = mrcnn_tf.load_config(REPO / "configs" / "torchvision_r50_fpn.yaml", [

@@ -26,7 +26,7 @@ from mrcnn_tf.weights import (
     read_state_dict,
 )
 from tests.conftest import REPO
-from tests.scripts import torchvision_parity as tp
+from tests.parity import torchvision_inference as tp
 
 FIXTURE = REPO / "tests" / "fixtures" / "torchvision_maskrcnn_small.npz"
 FIXTURES = {"v1": FIXTURE, "v2": tp.SMALL_FIXTURE_V2}

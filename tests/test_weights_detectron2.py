@@ -25,8 +25,8 @@ from mrcnn_tf.weights_detectron2 import (
     read_detectron2,
 )
 from tests.conftest import REPO
-from tests.scripts import detectron2_parity as dp
-from tests.scripts import torchvision_parity as tp
+from tests.parity import detectron2_inference as dp
+from tests.parity import torchvision_inference as tp
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Two halves, in two virtual environments, as tests/scripts/torchvision_parity.py:
     ``mask_rcnn_R_50_FPN_3x`` model from its own config file with seeded random weights (random
     FrozenBN statistics, fan-in scaled weights, calibrated predictors), runs it on a real COCO
     photo and writes its state dict (detectron2's key layout) and every stage's output;
-  check (needs mrcnn_tf): ``tests/scripts/torchvision_parity.py``'s check, which converts the
+  check (needs mrcnn_tf): ``tests/parity/torchvision_inference.py``'s check, which converts the
     state dict with ``mrcnn_tf.weights_detectron2.load_detectron2`` into
     ``configs/detectron2_r50_fpn.yaml`` and compares stage by stage.
 
@@ -41,15 +41,11 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.parity.detectron2_inference import SMALL, SMALL_FIXTURE, SMALL_FIXTURE_X  # noqa: E402
+from tests.parity.torchvision_inference import check, passes  # noqa: E402
 from tests.scripts import torchvision_parity as tp  # noqa: E402
 
-SMALL_FIXTURE = REPO / "tests" / "fixtures" / "detectron2_maskrcnn_small.npz"
-SMALL_FIXTURE_X = REPO / "tests" / "fixtures" / "detectron2_x_maskrcnn_small.npz"
-CONFIG = REPO / "configs" / "detectron2_r50_fpn.yaml"
-CONFIG_X = REPO / "configs" / "detectron2_x101_32x8d_fpn.yaml"
 D2_CONFIGS = {False: "mask_rcnn_R_50_FPN_3x.yaml", True: "mask_rcnn_X_101_32x8d_FPN_3x.yaml"}
-SMALL = dict(stem=16, widths=(16, 32, 64, 128), fpn=64, fc=64, mask=64, min_size=200,
-             max_size=320)
 FULL = dict(min_size=800, max_size=1333)
 TARGET_STD = {"proposal_generator.rpn_head.objectness_logits": 2.0,
               "proposal_generator.rpn_head.anchor_deltas": 0.3,
@@ -177,31 +173,6 @@ def reference(out_path: str, small: bool, image_path: str, configs: str, seed: i
           f"{len(out['det_scores'])} detections, {len(out['proposals'])} proposals")
 
 
-# -- the TensorFlow half ------------------------------------------------------------------------
-
-def parity_overrides(small: bool, resnext: bool = False) -> list[str]:
-    """Overrides of configs/detectron2_r50_fpn.yaml (or the X101 one) for the parity model:
-    score threshold 0 (as on detectron2's side), and the small widths and sizes with ``small``."""
-    s = SMALL
-    overrides = ["model.detection.score_threshold=0.0"]
-    if small:
-        name = "resnext_small" if resnext else "resnet_small"
-        overrides += [f"model.backbone.name={name}", f"model.fpn.channels={s['fpn']}",
-                      f"model.rpn.conv_channels={s['fpn']}", f"model.box_head.fc_dim={s['fc']}",
-                      f"model.mask_head.conv_dim={s['mask']}",
-                      f"model.preprocess.short_size={s['min_size']}",
-                      f"model.preprocess.long_size={s['max_size']}",
-                      "data.canvas_long_sides=[224, 288, 320]",
-                      "data.train_short_sizes=null"]  # detectron2's 640..800 exceed 200
-    return overrides
-
-
-def our_config(small: bool, resnext: bool = False):
-    from mrcnn_tf.config import load_config
-
-    return load_config(CONFIG_X if resnext else CONFIG, parity_overrides(small, resnext))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", choices=("reference", "check", "both"), default="both")
@@ -228,9 +199,9 @@ def main(argv=None) -> int:
                         "--detectron2_configs", args.detectron2_configs]
                        + (["--small"] if args.small else [])
                        + (["--resnext"] if args.resnext else []), check=True)
-    result = tp.check(path)
+    result = check(path)
     print(json.dumps(result, indent=1))
-    return 0 if tp.passes(result) else 1
+    return 0 if passes(result) else 1
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ two steps of detectron2's own solver (``build_optimizer`` and ``build_lr_schedul
 momentum, weight decay, WEIGHT_DECAY_NORM and the bias factors, linear warmup).
 
 Three halves, as tests/scripts/torchvision_train_parity.py, whose inputs (six real COCO photos of
-different sizes and aspect ratios with their instances) and check (generalised by the reference's
-``family``) this script shares:
+different sizes and aspect ratios with their instances) and check (tests/parity/training.py,
+generalised by the reference's ``family``) this script shares:
 
   reference (needs detectron2, built from source in the torch venv): detectron2's
     ``GeneralizedRCNN`` from its own ``mask_rcnn_R_50_FPN_1x`` config (the model of the 3x is the
@@ -44,11 +44,12 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.parity.detectron2_training import SMALL_FIXTURE  # noqa: E402
+from tests.parity.training import check, passes  # noqa: E402
 from tests.scripts import detectron2_parity as d2p  # noqa: E402
 from tests.scripts import torchvision_parity as tp  # noqa: E402
 from tests.scripts import torchvision_train_parity as ttp  # noqa: E402
 
-SMALL_FIXTURE = REPO / "tests" / "fixtures" / "detectron2_train_small.npz"
 D2_CONFIG = "mask_rcnn_R_50_FPN_1x.yaml"
 # RPN.BATCH_SIZE_PER_IMAGE with sampling off: at least every anchor of the largest padded batch
 # (the full model's two-photo batch, 1088 x 1056: 286,977 anchors; the small model's, 288 x 288:
@@ -249,19 +250,6 @@ def reference(inputs_path: str, out_path: str, small: bool, configs: str, seed: 
     print(f"wrote {out_path} ({os.path.getsize(out_path) / 1e6:.1f} MB)")
 
 
-# -- the TensorFlow half ------------------------------------------------------------------------
-
-def our_config(small: bool, sampling: bool, overrides=(), rpn_all: int | None = None):
-    """configs/detectron2_r50_fpn.yaml as the parity model; without ``sampling``, every anchor
-    (``rpn_all`` asked of the RPN's sampler, detectron2's normaliser) and every proposal."""
-    from mrcnn_tf.config import load_config
-
-    off = [] if sampling else [f"model.rpn.batch_size_per_image={rpn_all}",
-                               "model.rpn.positive_fraction=1.0",
-                               "model.box_head.batch_size_per_image=null"]
-    return load_config(d2p.CONFIG, d2p.parity_overrides(small) + off + list(overrides))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", choices=("inputs", "reference", "check", "all"),
@@ -290,9 +278,9 @@ def main(argv=None) -> int:
                         "--detectron2_configs", args.detectron2_configs]
                        + (["--small"] if args.small else []), check=True)
     if args.mode in ("check", "all"):
-        result = ttp.check(path)
+        result = check(path)
         print(json.dumps(result, indent=1))
-        return 0 if ttp.passes(result) else 1
+        return 0 if passes(result) else 1
     return 0
 
 

@@ -111,11 +111,15 @@ def test_converter_config_gives_the_implementations_each_format_converts():
     from mrcnn_tf.export_formats import converter_config, export_litert
 
     config = load_config(REPO / "configs" / "shapes.yaml")
+    assert config.model.roi_align.impl == "crop_and_resize"
     onnx, litert = converter_config(config, "onnx"), converter_config(config, "litert")
     assert onnx.model.nms_impl == litert.model.nms_impl == "static"
-    assert onnx.model.roi_align.impl == config.model.roi_align.impl
-    assert litert.model.roi_align.impl == "gather"
+    assert onnx.model.roi_align.impl == litert.model.roi_align.impl == "gather"
     assert onnx.model.roi_align.sampling_ratio == config.model.roi_align.sampling_ratio
+    # Adaptive sampling (detectron2's sampling_ratio 0) has no gather form: ONNX keeps it.
+    adaptive = load_config(REPO / "configs" / "detectron2_r50_fpn.yaml")
+    assert adaptive.model.roi_align.sampling_ratio == 0
+    assert converter_config(adaptive, "onnx").model.roi_align == adaptive.model.roi_align
     with pytest.raises(ValueError, match="fmt must be onnx or litert"):
         converter_config(config, "tflite")
     default = SimpleNamespace(proposal_generator=SimpleNamespace(nms_impl="tf"),

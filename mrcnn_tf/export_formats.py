@@ -24,28 +24,27 @@ Needs the ``export`` extra: ``pip install -e ".[export]"`` (tf2onnx, onnxruntime
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import tensorflow as tf
 
+from mrcnn_tf import rundir
+
 OPSET = 17
 
 
-def _detector(model, category_ids, mask_output, max_detections, mask_threshold, mask_paste):
-    """(detect(images) -> outputs, labels): the serving module's image path without the parts
+def _detector(model, category_ids, class_names, mask_output, max_detections, mask_threshold,
+              mask_paste):
+    """(detect(images) -> outputs, module): the serving module's image path without the parts
     converters cannot take."""
     from mrcnn_tf.serving import ServingModule
 
-    labels = [{"class": i + 1, "id": int(c), "name": n} for i, (c, n) in enumerate(category_ids)]
     with tempfile.TemporaryDirectory(prefix="mrcnn_labels_") as tmp:
-        labels_path = os.path.join(tmp, "labels.json")
-        with open(labels_path, "w") as f:
-            json.dump(labels, f)
-        module = ServingModule(model, labels_path, [c for c, _ in category_ids], mask_output,
+        labels_path = rundir.write_labels(tmp, category_ids, class_names)
+        module = ServingModule(model, labels_path, list(category_ids), mask_output,
                                max_detections, mask_threshold, mask_paste)
-    ids = [0] + [int(c) for c, _ in category_ids]
+    ids = [0] + [int(c) for c in category_ids]
 
     def detect(images):
         # A constant of this graph: converters would make a captured eager tensor an input.
@@ -56,7 +55,7 @@ def _detector(model, category_ids, mask_output, max_detections, mask_threshold, 
         out = module._detect(images, sizes, tf.fill(shape[:1], ""), ok, uniform=True)
         return {k: v for k, v in out.items() if k not in ("errors", "image_shape")}
 
-    return detect, labels, module
+    return detect, module
 
 
 def converter_config(config, fmt: str):
@@ -93,11 +92,11 @@ def _check(model, fmt: str, mask_output: str, masks_allowed):
         raise ValueError(f"LiteRT export needs model.roi_align.impl=gather: {built}")
 
 
-def _write_labels(path: str, labels) -> None:
+def _write_labels(path: str, category_ids, class_names) -> None:
+    """``labels.json`` beside the exported file ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "labels.json"), "w") as f:
-        json.dump(labels, f, indent=1)
+    rundir.write_labels(folder, category_ids, class_names)
 
 
 def export_onnx(model, category_ids, class_names, path: str, mask_output: str = "box",
@@ -111,9 +110,9 @@ def export_onnx(model, category_ids, class_names, path: str, mask_output: str = 
     except ImportError as e:
         raise ImportError("ONNX export needs tf2onnx: pip install -e \".[export]\"") from e
     _check(model, "ONNX", mask_output, ("box", "full"))
-    detect, labels, _ = _detector(model, list(zip(category_ids, class_names)), mask_output,
-                                  max_detections, mask_threshold, mask_paste)
-    _write_labels(path, labels)
+    detect, _ = _detector(model, category_ids, class_names, mask_output, max_detections,
+                          mask_threshold, mask_paste)
+    _write_labels(path, category_ids, class_names)
     spec = (tf.TensorSpec([None, None, None, 3], tf.uint8, name="images"),)
     tf2onnx.convert.from_function(tf.function(detect), input_signature=spec, opset=OPSET,
                                   output_path=path)
@@ -129,15 +128,15 @@ def export_litert(model, category_ids, class_names, path: str, image_size,
     LiteRT lacks)."""
     _check(model, "LiteRT", mask_output, ("box",))
     height, width = (int(v) for v in image_size)
-    detect, labels, module = _detector(model, list(zip(category_ids, class_names)), "box",
-                                       max_detections, mask_threshold, mask_paste)
+    detect, module = _detector(model, category_ids, class_names, "box", max_detections,
+                               mask_threshold, mask_paste)
     fn = tf.function(detect, input_signature=[
         tf.TensorSpec([1, height, width, 3], tf.uint8, name="images")])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()],
                                                                 module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     data = converter.convert()
-    _write_labels(path, labels)
+    _write_labels(path, category_ids, class_names)
     with open(path, "wb") as f:
         f.write(data)
     return path

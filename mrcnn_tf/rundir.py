@@ -82,10 +82,18 @@ def read_config_dict(model_dir: str) -> dict | None:
     return {k: v for k, v in saved.items() if k not in KERAS_POINTER}
 
 
-def write_labels(model_dir: str, category_ids, class_names) -> None:
-    write_json(os.path.join(model_dir, LABELS),
-               [{"class": i + 1, "id": int(c), "name": n}
-                for i, (c, n) in enumerate(zip(category_ids, class_names))])
+def label_records(category_ids, class_names) -> list[dict]:
+    """The ``labels.json`` schema (run directories, SavedModel assets, ONNX and LiteRT exports):
+    one ``{"class": i + 1, "id": category id, "name": name}`` per model class."""
+    return [{"class": i + 1, "id": int(c), "name": n}
+            for i, (c, n) in enumerate(zip(category_ids, class_names))]
+
+
+def write_labels(model_dir: str, category_ids, class_names) -> str:
+    """Writes ``model_dir/labels.json`` (:func:`label_records`); returns its path."""
+    path = os.path.join(model_dir, LABELS)
+    write_json(path, label_records(category_ids, class_names))
+    return path
 
 
 def read_labels(model_dir: str):

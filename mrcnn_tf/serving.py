@@ -31,12 +31,12 @@ of the batch is served exactly as if sent alone. An empty batch gives empty outp
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import tensorflow as tf
 
+from mrcnn_tf import rundir
 from mrcnn_tf.config import MASK_OUTPUTS
 from mrcnn_tf.ops.masks import paste_masks
 
@@ -448,10 +448,7 @@ def export_saved_model(model, category_ids, class_names, export_dir: str,
         raise ValueError(f"input types must be among {', '.join(INPUT_TYPES)}; got "
                          f"{list(input_types)}")
     with tempfile.TemporaryDirectory(prefix="mrcnn_labels_") as tmp:
-        labels = os.path.join(tmp, "labels.json")
-        with open(labels, "w") as f:
-            json.dump([{"class": i + 1, "id": int(c), "name": n}
-                       for i, (c, n) in enumerate(zip(category_ids, class_names))], f, indent=1)
+        labels = rundir.write_labels(tmp, category_ids, class_names)
         module = ServingModule(model, labels, category_ids, mask_output, max_detections,
                                mask_threshold, mask_paste, max_image_pixels)
         signatures = {t: getattr(module, t).get_concrete_function() for t in input_types}

@@ -5,9 +5,10 @@ declared with :func:`opt`, which records the default, a one-line description say
 default, and the allowed values. :func:`load_config` reads YAML with a ``yaml.SafeLoader``, applies
 dotted overrides (``"model.rpn.conv_channels=512"``) and validates; any unknown key, wrong type or
 out-of-range value raises :class:`ConfigError` naming the dotted key and what is allowed.
+Descriptions that name "the design notes" mean docs/design.md.
 
-Layers never see this tree: a factory reads it and passes plain keyword arguments
-(STYLE.md habit 2).
+Layers never see this tree: a factory (``factory.py``) reads it and passes plain keyword
+arguments, so a layer can be built and tested without a config.
 """
 
 from __future__ import annotations
@@ -117,15 +118,15 @@ class AnchorConfig:
 class RPNConfig:
     """Region proposal network: head, targets, proposals and losses."""
 
-    conv_channels: int = opt(256, "3x3 conv width; references use 256, the user's notes 512",
+    conv_channels: int = opt(256, "3x3 conv width; references use 256, the design notes 512",
                              min=1)
     num_convs: int = opt(1, "3x3 conv + ReLU layers before the predictors: 1 (paper,"
                          " torchvision v1, detectron2) or 2 (torchvision v2)", min=1)
     share_heads: bool = opt(True, "one head shared by all levels, as every reference does")
-    dropout: float = opt(0.0, "dropout after the 3x3 conv (the user's notes); none in references",
+    dropout: float = opt(0.0, "dropout after the 3x3 conv (the design notes); none in references",
                          min=0.0, max=1.0)
     objectness: str = opt("sigmoid", "k sigmoid logits (references) or 2k two-way softmax logits"
-                          " (the user's notes)", choices=("sigmoid", "softmax"))
+                          " (the design notes)", choices=("sigmoid", "softmax"))
     box_coder_weights: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "(wy, wx, wh, ww) delta"
                                                " weights; torchvision RPN uses 1s", min=0.0,
                                                min_exclusive=True)
@@ -143,21 +144,21 @@ class RPNConfig:
     score_threshold: float = opt(0.0, "proposals with objectness probability <= this are"
                                  " dropped (torchvision)", min=0.0, max=1.0)
     positive_iou: float = opt(0.7, "anchors with IoU >= this are positive (all references; the"
-                              " user's notes)", min=0.0, max=1.0)
+                              " design notes)", min=0.0, max=1.0)
     negative_iou: float = opt(0.3, "anchors with IoU < this are negative", min=0.0, max=1.0)
     allow_low_quality_matches: bool = opt(True, "the best anchor of each object is positive too,"
                                           " so every instance gets one")
     batch_size_per_image: int | None = opt(256, "anchors sampled per image for the loss; null ="
                                            " no sampling: every positive and negative anchor",
                                            min=1)
-    positive_fraction: float = opt(0.5, "at most this fraction positive (1:1, the user's notes)",
+    positive_fraction: float = opt(0.5, "at most this fraction positive (1:1, the design notes)",
                                    min=0.0, max=1.0, min_exclusive=True)
-    objectness_loss: str = opt("bce", "log loss (references) or focal loss (the user's notes)",
+    objectness_loss: str = opt("bce", "log loss (references) or focal loss (the design notes)",
                                choices=("bce", "focal"))
     focal_alpha: float = opt(0.25, "focal loss alpha (RetinaNet)", min=0.0, max=1.0)
     focal_gamma: float = opt(2.0, "focal loss gamma (RetinaNet)", min=0.0)
     box_loss: str = opt("smooth_l1", "smooth L1 (references); weighted smooth L1 or GIoU (the"
-                        " user's notes)", choices=("smooth_l1", "weighted_smooth_l1", "giou"))
+                        " design notes)", choices=("smooth_l1", "weighted_smooth_l1", "giou"))
     box_loss_weights: tuple[float, ...] = opt((1.0, 1.0, 1.0, 1.0), "per-coordinate weights of"
                                               " weighted_smooth_l1 (dy, dx, dh, dw)", min=0.0)
     smooth_l1_beta: float = opt(1.0 / 9.0, "smooth L1 transition of loss_rpn_box: 1/9 as"
@@ -175,10 +176,11 @@ class RPNConfig:
 class RoIAlignConfig:
     """Multilevel RoIAlign on tf.image.crop_and_resize (same numbers as torchvision's roi_align)."""
 
-    box_output_size: int = opt(7, "box-head RoI size; references 7, the user's notes 14", min=1)
-    mask_output_size: int = opt(14, "mask-head RoI size (all references and the notes)", min=1)
-    sampling_ratio: int = opt(2, "bilinear samples per bin side (2 = the notes' 4 per bin); 0 ="
-                              " adaptive, ceil(RoI size / output size) per RoI (detectron2's"
+    box_output_size: int = opt(7, "box-head RoI size; references 7, the design notes 14", min=1)
+    mask_output_size: int = opt(14, "mask-head RoI size (all references and the design notes)",
+                                min=1)
+    sampling_ratio: int = opt(2, "bilinear samples per bin side (2 = the design notes' 4 per bin);"
+                              " 0 = adaptive, ceil(RoI size / output size) per RoI (detectron2's"
                               " model zoo)", min=0)
     level_sampling_ratios: tuple[int, ...] | None = opt(None, "optional sampling ratio per level"
                                                         " P2..P5, overriding sampling_ratio", min=0)
@@ -197,29 +199,29 @@ class RoIAlignConfig:
 
 @dataclass(frozen=True)
 class BoxHeadConfig:
-    """Box head (RCNN in the notes): features, targets and losses."""
+    """Box head (RCNN in the design notes): features, targets and losses."""
 
     type: str = opt("2fc", "two fc layers (paper, torchvision v1) or 4 conv + 1 fc with norm"
                     " (torchvision v2)", choices=("2fc", "4conv1fc"))
-    fc_dim: int = opt(1024, "fc width (paper and the notes)", min=1)
+    fc_dim: int = opt(1024, "fc width (paper and the design notes)", min=1)
     conv_dim: int = opt(256, "conv width of the 4conv1fc head", min=1)
     norm: str = opt("none", "normalisation in the 4conv1fc head (v2 uses group_norm/bn)",
                     choices=("none", "bn", "sync_bn", "group_norm"))
-    dropout: float = opt(0.0, "dropout after each fc (the notes); none in references", min=0.0,
-                         max=1.0)
+    dropout: float = opt(0.0, "dropout after each fc (the design notes); none in references",
+                         min=0.0, max=1.0)
     class_agnostic: bool = opt(False, "one set of deltas for all classes instead of one per class")
     box_coder_weights: tuple[float, ...] = opt((10.0, 10.0, 5.0, 5.0), "(wy, wx, wh, ww);"
                                                " every reference uses 10, 10, 5, 5", min=0.0,
                                                min_exclusive=True)
     foreground_iou: float = opt(0.5, "RoIs with IoU >= this are foreground (references; the"
-                                " notes use 0.7)", min=0.0, max=1.0)
-    background_iou: float = opt(0.5, "RoIs with IoU < this are background (references; the notes"
-                                " use 0.3)", min=0.0, max=1.0)
+                                " design notes use 0.7)", min=0.0, max=1.0)
+    background_iou: float = opt(0.5, "RoIs with IoU < this are background (references; the"
+                                " design notes use 0.3)", min=0.0, max=1.0)
     batch_size_per_image: int | None = opt(512, "RoIs sampled per image (references); null = no"
                                            " sampling: every proposal and ground-truth box",
                                            min=1)
-    positive_fraction: float = opt(0.25, "foreground fraction (references; the notes' 1:1 is 0.5)",
-                                   min=0.0, max=1.0, min_exclusive=True)
+    positive_fraction: float = opt(0.25, "foreground fraction (references; the design notes' 1:1"
+                                   " is 0.5)", min=0.0, max=1.0, min_exclusive=True)
     smooth_l1_beta: float = opt(0.0, "smooth L1 transition of loss_box_reg: 0 = L1 (detectron2);"
                                 " torchvision's fastrcnn_loss uses 1/9", min=0.0)
     class_loss_weight: float = opt(1.0, "weight of loss_box_class", min=0.0)
@@ -235,7 +237,7 @@ class MaskHeadConfig:
     norm: str = opt("none", "optional normalisation after each conv",
                     choices=("none", "bn", "sync_bn", "group_norm"))
     class_agnostic: bool = opt(False, "one mask for all classes (paper: nearly as good)")
-    loss: str = opt("bce", "per-pixel sigmoid BCE (paper) or dice (the notes)",
+    loss: str = opt("bce", "per-pixel sigmoid BCE (paper) or dice (the design notes)",
                     choices=("bce", "dice"))
     static_rois: bool = opt(False, "run the mask head on a static int(box_head."
                             "batch_size_per_image * positive_fraction) RoIs per image, positive"
@@ -269,8 +271,8 @@ class PreprocessConfig:
     """Resize, normalise and pad inside the model so that serving takes raw images."""
 
     resize: str = opt("short_long", "short side to short_size capped by long_size (references),"
-                      " or long side to square_size then pad square (Model Garden, the notes'"
-                      " 1024)", choices=("short_long", "square"))
+                      " or long side to square_size then pad square (Model Garden, the design"
+                      " notes' 1024)", choices=("short_long", "square"))
     short_size: int = opt(800, "target short side (references)", min=1)
     long_size: int = opt(1333, "maximum long side (references)", min=1)
     square_size: int = opt(1024, "square canvas side for resize=square", min=1)
@@ -394,7 +396,7 @@ class TrainConfig:
     warmup_factor: float = opt(0.001, "lr multiplier at step 0 of warmup (detectron2)", min=0.0,
                                max=1.0)
     decay_steps: tuple[int, ...] = opt((60000, 80000), "steps at which lr is multiplied by"
-                                       " decay_rate (1x; the notes: 120k)", min=1)
+                                       " decay_rate (1x; the design notes: 120k)", min=1)
     decay_rate: float = opt(0.1, "step decay factor (references)", min=0.0, max=1.0)
     clip_norm: float | None = opt(None, "global gradient norm clip; none in references", min=0.0,
                                   min_exclusive=True)

@@ -189,11 +189,11 @@ def test_handles_freeze_and_new_num_classes(shapes_model):
 
 
 @pytest.mark.parametrize("override", [
-    "model.rpn.conv_channels=96",                 # the notes: 512 channels
+    "model.rpn.conv_channels=96",                 # the design notes: 512 channels
     "model.rpn.share_heads=false",
     "model.rpn.dropout=0.3",
-    "model.rpn.objectness=softmax",              # the notes: 2k two-way softmax
-    "model.roi_align.box_output_size=14",        # the notes: 14x14 box RoIs
+    "model.rpn.objectness=softmax",              # the design notes: 2k two-way softmax
+    "model.roi_align.box_output_size=14",        # the design notes: 14x14 box RoIs
     "model.roi_align.level_sampling_ratios=[1, 2, 3, 4]",
     "model.box_head.dropout=0.3",
     "model.box_head.type=4conv1fc",

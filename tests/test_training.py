@@ -449,8 +449,8 @@ def test_memorises_coco_tiny16(shared_data, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print("coco_tiny16 memorisation:", out)
     # Untrained, AP50 is ~0. Runs of the same code differ (CPU training is not bitwise
-    # repeatable): AP50 0.418 at 414834d, 0.489 and 0.507 at f51d399-f0deed3, 0.662 at an earlier
-    # stop; 0.5 sat inside that spread.
+    # repeatable): earlier runs of this test reached AP50 0.42 to 0.66, so 0.5 sat inside that
+    # spread and the bound is 0.3.
     assert out["bbox"]["AP50"] >= 0.3
 
 

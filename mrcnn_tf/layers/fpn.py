@@ -13,9 +13,9 @@ def _upsample2x_to(x, like):
     """Nearest-neighbour 2x upsampling cropped to ``like``'s size (torch's "nearest" for 2x).
 
     Each pixel broadcast to a 2x2 block ([B, H, 1, W, 1, C] -> [B, H, 2, W, 2, C] -> [B, 2H,
-    2W, C]): three ops with their shape constants and a reduce-sum gradient. Two ``tf.repeat``
-    and their gradients were about a hundred ops per call to trace (the R50-FPN step graph has
-    321 fewer now). The crop is built only when ``like`` is not statically 2H x 2W (odd sizes).
+    2W, C]): three ops with their shape constants and a reduce-sum gradient, where two
+    ``tf.repeat`` and their gradients would be about a hundred ops per call to trace. The crop
+    is built only when ``like`` is not statically 2H x 2W (odd sizes).
     """
     b, h, w, c = dims(x)
     up = tf.reshape(tf.broadcast_to(tf.reshape(x, [b, h, 1, w, 1, c]), [b, h, 2, w, 2, c]),

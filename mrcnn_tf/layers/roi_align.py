@@ -15,7 +15,7 @@ class MultilevelRoIAlign(keras.layers.Layer):
     (y1, x1, y2, x2) image pixels. Output: [B, N, output_size, output_size, C].
 
     Args:
-      output_size: 7 (references) or 14 (the user's notes) for the box head, 14 for the mask head.
+      output_size: 7 (references) or 14 (the design notes) for the box head, 14 for the mask head.
       sampling_ratio: samples per bin side, or a list with one per level (min..max).
       aligned: half-pixel shift (detectron2) or not (torchvision).
       impl: "crop_and_resize" or "gather" (see ``multilevel_roi_align``).

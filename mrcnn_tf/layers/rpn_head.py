@@ -21,9 +21,9 @@ class RPNHead(keras.layers.Layer):
 
     Args:
       num_anchors: A anchors per position.
-      conv_channels: 256 in the references, 512 in the user's notes.
+      conv_channels: 256 in the references, 512 in the design notes.
       share_heads: one set of weights for every level (every reference) or one per level.
-      objectness: "sigmoid" (A logits) or "softmax" (2A logits, the user's notes).
+      objectness: "sigmoid" (A logits) or "softmax" (2A logits, the design notes).
       levels: the FPN levels, e.g. (2, 3, 4, 5, 6).
       num_convs: 3x3 convs before the predictors.
 

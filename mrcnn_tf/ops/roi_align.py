@@ -596,8 +596,8 @@ def _multilevel_crops(features_by_level, levels, boxes, level_index, part_images
     one crop_and_resize per level (:func:`crop_and_resize_levels`: one gradient for all levels)
     and its average pool. The same float32 arithmetic as :func:`roi_align_flat` on each level
     (bit for bit, forward and gradient, as written; TensorFlow's graph rewrites round either
-    in its own way, about 1e-5 relative), with a graph that does not grow with the levels but
-    by one crop and one pool each: 429 -> 212 forward ops for the box RoIs of the R50-FPN step.
+    in its own way, about 1e-5 relative), with a graph that grows by one crop and one pool per
+    level rather than by a whole RoIAlign per level.
 
     Args:
       boxes: [R, 4] image pixels; level_index: [R] int32 position in ``levels``;

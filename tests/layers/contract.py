@@ -1,4 +1,5 @@
-"""One shared contract every layer test runs (STYLE.md habit 10)."""
+"""One shared contract every layer test runs: the checks each Keras layer of the package must
+pass whatever it computes."""
 
 import keras
 import numpy as np

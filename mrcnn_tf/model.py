@@ -460,9 +460,9 @@ def with_num_classes(model: MaskRCNN, num_classes: int) -> MaskRCNN:
     new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                  num_classes=int(num_classes)))
     new = build_model(new_cfg)
-    old = {_rel_path(w.path): w for w in model.weights}
+    old = {weight_key(w.path): w for w in model.weights}
     for w in new.weights:
-        path = _rel_path(w.path)
+        path = weight_key(w.path)
         if any(path.startswith(p) for p in CLASS_DEPENDENT):
             continue
         w.assign(old[path])
@@ -471,6 +471,6 @@ def with_num_classes(model: MaskRCNN, num_classes: int) -> MaskRCNN:
     return new
 
 
-def _rel_path(path: str) -> str:
+def weight_key(path: str) -> str:
     """Weight path without the model's own name: 'box_head/fc1/kernel'."""
     return path.split("/", 1)[1] if "/" in path else path

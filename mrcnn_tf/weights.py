@@ -456,11 +456,11 @@ def load_initial_weights(model, path: str) -> list[str]:
     import tensorflow as tf
 
     from mrcnn_tf.checkpoint import weight_tensor_name
-    from mrcnn_tf.model import CLASS_DEPENDENT, _rel_path
+    from mrcnn_tf.model import CLASS_DEPENDENT, weight_key
 
     if path.endswith(".weights.h5") and os.path.isfile(path):
         class_weights = [w for w in model.weights
-                         if _rel_path(w.path).startswith(CLASS_DEPENDENT)]
+                         if weight_key(w.path).startswith(CLASS_DEPENDENT)]
         before = [w.numpy().copy() for w in class_weights]
         with warnings.catch_warnings():  # Keras lists the skipped layers; we return them
             warnings.simplefilter("ignore", UserWarning)
@@ -484,7 +484,7 @@ def load_initial_weights(model, path: str) -> list[str]:
     shapes = reader.get_variable_to_shape_map()
     values, skipped, errors = [], [], []
     for w in model.weights:
-        rel = _rel_path(w.path)
+        rel = weight_key(w.path)
         name = weight_tensor_name(rel)
         if name not in shapes:
             errors.append(f"{rel} is not in the checkpoint")

@@ -523,7 +523,7 @@ def _save_run(model, run_dir):
 
 @pytest.mark.parametrize("source", ["run_dir", "checkpoint", "weights_h5"])
 def test_init_from_takes_every_weight_and_reinitialises_other_class_layers(tmp_path, source):
-    from mrcnn_tf.model import CLASS_DEPENDENT, _rel_path
+    from mrcnn_tf.model import CLASS_DEPENDENT, weight_key
     from mrcnn_tf.weights import load_initial_weights
 
     _, old = _model(seed=1)
@@ -534,10 +534,10 @@ def test_init_from_takes_every_weight_and_reinitialises_other_class_layers(tmp_p
     _, new = _model(["model.num_classes=5"], seed=2)
     fresh = {w.path: w.numpy().copy() for w in new.weights}
     skipped = load_initial_weights(new, path)
-    old_weights = {_rel_path(w.path): w.numpy() for w in old.weights}
+    old_weights = {weight_key(w.path): w.numpy() for w in old.weights}
     class_paths = []
     for w in new.weights:
-        rel = _rel_path(w.path)
+        rel = weight_key(w.path)
         if rel.startswith(CLASS_DEPENDENT):
             class_paths.append(w.path)
             np.testing.assert_array_equal(w.numpy(), fresh[w.path])

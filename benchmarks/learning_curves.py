@@ -291,9 +291,9 @@ def _smooth(values, window: int = 20):
 
 def compare(runs: list[dict], last: int = 100) -> dict:
     """Per loss: each run's mean over the last ``last`` steps; the seed spread within each side
-    (|mean seed 0 - mean seed 1|); the difference between the sides' means; and the tolerance,
-    twice the larger within-side spread (what two seeds of one implementation already differ
-    by), which the difference passes or not."""
+    (|mean seed 0 - mean seed 1|); the difference between the sides' means; and, with two seeds
+    on each side, the tolerance, twice the larger within-side spread (what two seeds of one
+    implementation already differ by), which the difference passes or not."""
     sides = {}
     for r in runs:
         sides.setdefault(r["side"], []).append(r)
@@ -304,9 +304,11 @@ def compare(runs: list[dict], last: int = 100) -> dict:
         spread = {s: (max(m) - min(m)) if len(m) > 1 else None for s, m in means.items()}
         side_mean = {s: float(np.mean(m)) for s, m in means.items()}
         entry = {"means": means, "seed_spread": spread, "side_mean": side_mean}
-        if len(side_mean) == 2 and all(v is not None for v in spread.values()):
+        if len(side_mean) == 2:
             a, b = side_mean.values()
             entry["difference"] = abs(a - b)
+            entry["relative_difference"] = abs(a - b) / max(abs(a), abs(b), 1e-12)
+        if len(side_mean) == 2 and all(v is not None for v in spread.values()):
             entry["tolerance"] = 2 * max(spread.values())
             entry["within"] = entry["difference"] <= entry["tolerance"]
         result[k] = entry

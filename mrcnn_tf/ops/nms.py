@@ -52,8 +52,8 @@ def _greedy_keep(ranked_boxes, alive, iou_threshold: float, tile: int = NMS_TILE
     among themselves by iterating keep[j] = alive[j] and no kept i < j overlaps j, from the
     tile's alive boxes until nothing changes. Greedy NMS's result is the unique fixed point of
     that rule (box j's fate depends only on the boxes before it), so the loop ends on it: the
-    same boxes as the per-box loop, ties included. The tile loop stops at the first tile
-    without an alive box (ranked boxes are alive first).
+    same boxes as the per-box loop, ties included. The tile loop stops once no box from the
+    current tile on is alive (ranked boxes are alive first, so mostly dead tiles cost nothing).
 
     Args:
       ranked_boxes: [..., N, 4]; alive: [..., N] bool (False rows are never kept).
